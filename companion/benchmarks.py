@@ -1,0 +1,179 @@
+"""How fast is the readable code? Each reference implementation against its oracle.
+
+Book: Appendix, "Benchmarks". Run all rows in one process::
+
+    python -m companion.benchmarks                 # every row, on get_device()
+    python -m companion.benchmarks --device cpu --only adam
+    python -m companion.benchmarks --markdown      # the table the appendix shows
+    python -m companion.benchmarks --quick         # small sizes, a smoke run
+
+A row times *ours* and the *reference* with the same procedure --
+``torch.utils.benchmark.Timer.blocked_autorange`` (which synchronises CUDA),
+alternating the two for several rounds and taking medians -- and prints
+``ratio = ours / reference``: 1.0 is parity, 2.0 means ours takes twice as long.
+Speed is measured here, never asserted in a test: timings depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils.benchmark import Timer
+
+from companion.device import get_device
+
+
+@dataclass
+class Case:
+    """One comparison: two zero-argument callables that do the same work.
+
+    ``work`` (with ``work_unit``) is the amount of work per call, e.g. the
+    number of tokens, so that the table can show a throughput as well.
+    """
+
+    ours: Callable[[], object]
+    reference: Callable[[], object]
+    reference_name: str
+    size: str
+    work: float | None = None
+    work_unit: str = ""
+
+
+@dataclass
+class Result:
+    name: str
+    chapter: str
+    device: str
+    size: str
+    reference_name: str
+    ours_seconds: float
+    reference_seconds: float
+    work: float | None = None
+    work_unit: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.ours_seconds / self.reference_seconds
+
+
+#: (name, chapter, factory) for every benchmark, in the order they are defined.
+REGISTRY: list[tuple[str, str, Callable[..., Case]]] = []
+
+
+def benchmark(name: str, chapter: str):
+    """Register ``factory(device, quick) -> Case`` under ``name``."""
+
+    def register(factory):
+        if any(existing == name for existing, _, _ in REGISTRY):
+            raise ValueError(f"a benchmark named {name!r} is already registered")
+        REGISTRY.append((name, chapter, factory))
+        return factory
+
+    return register
+
+
+def time_callable(fn: Callable[[], object], min_run_time: float = 0.2) -> float:
+    """Median seconds per call of ``fn`` (after one warm-up call), all CPU threads."""
+    fn()  # warm-up: lazy initialisation, caches, CUDA kernels loading
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def measure(case: Case, rounds: int = 3, min_run_time: float = 0.2) -> tuple[float, float]:
+    """Medians over ``rounds`` alternating timings of ``case.ours`` and ``case.reference``."""
+    ours, reference = [], []
+    for _ in range(rounds):
+        ours.append(time_callable(case.ours, min_run_time))
+        reference.append(time_callable(case.reference, min_run_time))
+    return statistics.median(ours), statistics.median(reference)
+
+
+def run(device=None, only: str | None = None, quick: bool = False, rounds: int = 3,
+        min_run_time: float = 0.2) -> list[Result]:
+    """Run every registered benchmark whose name contains ``only``; return the results."""
+    device = get_device(device)
+    results = []
+    for name, chapter, factory in REGISTRY:
+        if only and only.lower() not in name.lower():
+            continue
+        case = factory(device, quick)
+        ours, reference = measure(case, rounds=rounds, min_run_time=min_run_time)
+        results.append(Result(name, chapter, str(device), case.size, case.reference_name,
+                              ours, reference, case.work, case.work_unit))
+    return results
+
+
+def _seconds(t: float) -> str:
+    for scale, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "us")):
+        if t >= scale:
+            return f"{t / scale:.3g} {unit}"
+    return f"{t * 1e9:.3g} ns"
+
+
+def format_table(results: list[Result], markdown: bool = False) -> str:
+    """The results as an aligned text table, or a Markdown table."""
+    header = ["benchmark", "chapter", "device", "size", "ours", "reference", "ratio", "throughput"]
+    rows = []
+    for r in results:
+        throughput = f"{r.work / r.ours_seconds:,.0f} {r.work_unit}/s" if r.work else ""
+        rows.append([r.name, r.chapter, r.device, r.size, _seconds(r.ours_seconds),
+                     f"{_seconds(r.reference_seconds)} ({r.reference_name})",
+                     f"{r.ratio:.2f}x", throughput])
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(lines)
+
+
+# =========================================================================== the rows
+# Each chapter registers its rows below, in its own section.
+
+# --- Chapter 2: backpropagation ---------------------------------------------------------
+
+# --- Chapter 3: optimizers --------------------------------------------------------------
+
+# --- Chapter 4: the Transformer ---------------------------------------------------------
+
+# --- Chapter 5: evaluation metrics ------------------------------------------------------
+
+# --- Chapter 6: interpretability --------------------------------------------------------
+
+
+# =========================================================================== command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m companion.benchmarks",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: get_device())")
+    parser.add_argument("--only", default=None, help="run only rows whose name contains this")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--list", action="store_true", help="list the rows and exit")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, chapter, _ in REGISTRY:
+            print(f"{chapter:>10}  {name}")
+        return 0
+    results = run(args.device, args.only, args.quick, rounds=args.rounds,
+                  min_run_time=0.05 if args.quick else 0.2)
+    if not results:
+        print("no benchmark matched", file=sys.stderr)
+        return 1
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(format_table(results, markdown=args.markdown))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Data the book trains on, all available offline (book: Introduction, "Data").
+
+* :func:`load_digits_split` -- scikit-learn's bundled 8x8 handwritten digits
+  (1,797 images, 10 classes), scaled to ``[0, 1]``.
+* :func:`load_breast_cancer_split` -- scikit-learn's bundled breast-cancer data
+  (569 samples, 30 features, binary), standardised on the training part.
+* :func:`load_pydoc_text`, :class:`CharTokenizer`, :class:`CharCorpus` -- the
+  text of Python's own documentation topics (``pydoc_data.topics``, about
+  465,000 characters of real English that ships with every Python), tokenised
+  character by character for the language models of chapters 4 to 6.
+
+Everything returns tensors; pass ``device=`` to put them on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.datasets import load_breast_cancer, load_digits
+from sklearn.model_selection import train_test_split
+
+# --------------------------------------------------------------------------- tabular data
+
+
+@dataclass(frozen=True)
+class Split:
+    """A train/test split as tensors: ``X_*`` is ``(n, features)``, ``y_*`` is ``(n,)``."""
+
+    X_train: torch.Tensor
+    y_train: torch.Tensor
+    X_test: torch.Tensor
+    y_test: torch.Tensor
+
+    def to(self, device) -> Split:
+        """The same split on ``device``."""
+        tensors = (self.X_train, self.y_train, self.X_test, self.y_test)
+        return Split(*(t.to(device) for t in tensors))
+
+
+def _split(X, y, test_size, seed, device, dtype) -> Split:
+    if not 0.0 < test_size < 1.0:
+        raise ValueError(f"test_size must be in (0, 1), got {test_size}")
+    X_tr, X_te, y_tr, y_te = train_test_split(
+        X, y, test_size=test_size, random_state=seed, stratify=y
+    )
+
+    def features(a):
+        return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=device)
+
+    def labels(a):
+        return torch.as_tensor(a, dtype=torch.long, device=device)
+
+    return Split(features(X_tr), labels(y_tr), features(X_te), labels(y_te))
+
+
+def load_digits_split(test_size: float = 0.25, seed: int = 0, device=None,
+                      dtype: torch.dtype = torch.float32) -> Split:
+    """The 8x8 digits, pixels scaled from ``0..16`` to ``[0, 1]``, split stratified.
+
+    ``X_*`` has shape ``(n, 64)``; reshape to ``(n, 8, 8)`` to draw an image.
+    With the defaults: 1,347 training and 450 test images.
+    """
+    digits = load_digits()
+    return _split(digits.data / 16.0, digits.target, test_size, seed, device, dtype)
+
+
+def load_breast_cancer_split(test_size: float = 0.25, seed: int = 0, device=None,
+                             dtype: torch.dtype = torch.float32) -> Split:
+    """Breast-cancer features standardised with the training part's mean and std.
+
+    Labels follow scikit-learn: 1 = benign, 0 = malignant. Statistics come
+    from the training rows only, so nothing of the test rows leaks into them.
+    """
+    data = load_breast_cancer()
+    split = _split(data.data, data.target, test_size, seed, device, torch.float64)
+    mean, std = split.X_train.mean(0), split.X_train.std(0)
+    return Split(((split.X_train - mean) / std).to(dtype), split.y_train,
+                 ((split.X_test - mean) / std).to(dtype), split.y_test)
+
+
+# --------------------------------------------------------------------------- text
+
+
+def load_pydoc_text() -> str:
+    """The text of ``pydoc_data.topics``: Python's help topics, joined in key order."""
+    from pydoc_data.topics import topics
+
+    return "\n".join(topics[key] for key in sorted(topics))
+
+
+class CharTokenizer:
+    """Characters <-> integer ids; the vocabulary is the sorted set of characters seen.
+
+    >>> tok = CharTokenizer("hello")
+    >>> tok.encode("hell").tolist()
+    [1, 0, 2, 2]
+    >>> tok.decode([3, 1])
+    'oe'
+    """
+
+    def __init__(self, text: str):
+        if not isinstance(text, str) or not text:
+            raise ValueError("text must be a non-empty str to build a vocabulary from")
+        self.itos: list[str] = sorted(set(text))
+        self.stoi: dict[str, int] = {ch: i for i, ch in enumerate(self.itos)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str) -> torch.Tensor:
+        """A ``(len(text),)`` tensor of ids; unknown characters raise ``ValueError``."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        try:
+            return torch.tensor([self.stoi[ch] for ch in text], dtype=torch.long)
+        except KeyError as err:
+            raise ValueError(
+                f"text contains {err.args[0]!r}, which is not in the vocabulary") from None
+
+    def decode(self, ids) -> str:
+        """The string for a sequence (list or 1-D tensor) of ids."""
+        ids = torch.as_tensor(ids).flatten().tolist()
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"ids must be in [0, {self.vocab_size}), got {bad[:5]}")
+        return "".join(self.itos[i] for i in ids)
+
+
+class CharCorpus:
+    """A character-level corpus split into a training and a validation part.
+
+    The split is contiguous -- the first ``1 - val_fraction`` of the text trains,
+    the rest validates -- so that no validation window overlaps a training one.
+
+    Parameters
+    ----------
+    text:
+        The corpus; defaults to :func:`load_pydoc_text`.
+    val_fraction:
+        Fraction of characters held out for validation.
+    """
+
+    def __init__(self, text: str | None = None, val_fraction: float = 0.1):
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.text = load_pydoc_text() if text is None else text
+        self.tokenizer = CharTokenizer(self.text)
+        ids = self.tokenizer.encode(self.text)
+        n_train = int(len(ids) * (1.0 - val_fraction))
+        self.train_ids, self.val_ids = ids[:n_train], ids[n_train:]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def ids(self, split: str) -> torch.Tensor:
+        """All ids of ``split`` (``"train"`` or ``"val"``)."""
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        return self.train_ids if split == "train" else self.val_ids
+
+    def get_batch(self, split: str, batch_size: int, block_size: int,
+                  generator: torch.Generator | None = None, device=None):
+        """Random windows of the corpus: inputs ``x`` and next-character targets ``y``.
+
+        Returns two ``(batch_size, block_size)`` long tensors with
+        ``y[:, t] == x[:, t + 1]`` inside a window: the target at each position
+        is the character that follows it.
+        """
+        data = self.ids(split)
+        if batch_size < 1 or block_size < 1:
+            raise ValueError(
+                f"batch_size and block_size must be >= 1, got {batch_size}, {block_size}")
+        if block_size >= len(data):
+            raise ValueError(f"block_size={block_size} must be < the {split} length {len(data)}")
+        starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+        index = starts[:, None] + torch.arange(block_size + 1)  # (B, T+1)
+        windows = data[index]
+        x, y = windows[:, :-1], windows[:, 1:]
+        return x.to(device), y.to(device)

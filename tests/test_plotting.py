@@ -1,0 +1,61 @@
+"""companion.plotting: the book's figure style and helpers."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from companion import plotting  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _close():
+    yield
+    plt.close("all")
+
+
+def test_style_sets_figure_size_and_palette():
+    plotting.use_book_style()
+    assert tuple(plt.rcParams["figure.figsize"]) == plotting.FIGSIZE
+    assert plt.rcParams["axes.titleweight"] == "bold"
+    first_colour = plt.rcParams["axes.prop_cycle"].by_key()["color"][0]
+    assert matplotlib.colors.to_hex(first_colour) == matplotlib.colors.to_hex(plotting.PALETTE[0])
+
+
+def test_subplots_scales_with_grid_and_sets_title():
+    fig, axes = plotting.subplots(1, 3, title="Three panels")
+    assert axes.shape == (3,)
+    assert fig.get_size_inches()[0] > plotting.FIGSIZE[0]
+    assert fig._suptitle.get_text() == "Three panels"
+
+
+def test_subplots_rejects_empty_grid():
+    with pytest.raises(ValueError, match="nrows"):
+        plotting.subplots(0, 1)
+
+
+def test_label_sets_all_three_and_legend():
+    fig, ax = plotting.subplots()
+    ax.plot([0, 1], [0, 1], label="line")
+    plotting.label(ax, "Title", "x", "y")
+    assert (ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) == ("Title", "x", "y")
+    assert ax.get_legend() is not None
+
+
+@pytest.mark.parametrize("field", ["title", "xlabel", "ylabel"])
+def test_label_requires_every_text(field):
+    fig, ax = plotting.subplots()
+    texts = {"title": "t", "xlabel": "x", "ylabel": "y", field: " "}
+    with pytest.raises(ValueError, match=field):
+        plotting.label(ax, **texts)
+
+
+def test_heatmap_accepts_tensor_and_rejects_1d():
+    fig, ax = plotting.subplots()
+    plotting.heatmap(torch.eye(3), ax, title="I", xlabel="key", ylabel="query", annot=True)
+    assert ax.get_title() == "I" and len(ax.collections) == 1
+    with pytest.raises(ValueError, match="2-D"):
+        plotting.heatmap(torch.ones(3), ax, title="t", xlabel="x", ylabel="y")
