@@ -1,0 +1,45 @@
+# The book's commands. Each target sets up .venv itself on first use.
+#   make book       build the HTML book into _build/html (warnings are errors)
+#   make test       unit tests + strict nbval over every notebook, one pytest run
+#   make notebooks  re-execute every notebook in place (refresh stored outputs)
+#   make benchmarks time the reference code against PyTorch / scikit-learn / Captum
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+JOBS   ?= 2
+
+# Stored outputs are produced and checked on the CPU with a fixed hash seed; a reader's
+# own Jupyter session is free to use a GPU (companion.device.get_device()).
+export PYTHONHASHSEED := 0
+export COMPANION_DEVICE ?= cpu
+
+.PHONY: all book test notebooks benchmarks lint clean
+
+all: test book
+
+$(STAMP): requirements.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is needed, found " + sys.version)'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+book: $(STAMP)
+	$(BIN)/jupyter-book build --all -W -n --keep-going .
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadscope
+
+notebooks: $(STAMP)
+	$(BIN)/python tests/execute_notebooks.py $(NOTEBOOKS)
+
+benchmarks: $(STAMP)
+	$(BIN)/python -m companion.benchmarks
+
+lint: $(STAMP)
+	$(BIN)/ruff check companion tests book
+
+clean:
+	rm -rf _build

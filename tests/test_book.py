@@ -1,0 +1,137 @@
+"""The book's own rules (DESIGN.md), checked on every notebook and the table of contents.
+
+These are structural checks; nbval (run in the same pytest session) checks that each
+notebook's stored outputs are what its code produces.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import pkgutil
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+import companion
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted(p for p in (ROOT / "book").rglob("*.ipynb")
+                   if ".ipynb_checkpoints" not in p.parts)
+
+
+def _toc_files() -> set[str]:
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = {toc["root"]}
+    for part in toc.get("parts", []):
+        for chapter in part["chapters"]:
+            files.add(chapter["file"])
+            files.update(section["file"] for section in chapter.get("sections", []))
+    return files
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _code_cells(nb: dict) -> list[dict]:
+    return [c for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+def _source(cell: dict) -> str:
+    return "".join(cell["source"])
+
+
+def _package_names() -> set[str]:
+    names = set()
+    for info in pkgutil.iter_modules(companion.__path__):
+        module = importlib.import_module(f"companion.{info.name}")
+        names.update(n for n, v in vars(module).items()
+                     if not n.startswith("_") and getattr(v, "__module__", None) == module.__name__)
+    return names
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS
+
+
+def test_toc_and_files_agree():
+    toc = _toc_files()
+    for entry in toc:
+        assert any((ROOT / f"{entry}{ext}").exists() for ext in (".md", ".ipynb")), entry
+    for nb in NOTEBOOKS:
+        assert str(nb.relative_to(ROOT).with_suffix("")) in toc, f"{nb.name} is not in _toc.yml"
+
+
+@pytest.fixture(params=NOTEBOOKS, ids=lambda p: p.name)
+def notebook(request):
+    return request.param, _load(request.param)
+
+
+def test_every_code_cell_ran_in_order(notebook):
+    path, nb = notebook
+    counts = [c["execution_count"] for c in _code_cells(nb) if _source(c).strip()]
+    assert counts == list(range(1, len(counts) + 1)), (
+        f"{path.name}: execution counts {counts[:8]}...; run `make notebooks`")
+
+
+def test_starts_by_seeding_and_imports_the_package(notebook):
+    path, nb = notebook
+    first = _source(_code_cells(nb)[0])
+    assert "seed_everything(" in first, f"{path.name}: the first code cell must seed everything"
+    assert "companion" in first, f"{path.name}: the first code cell must import companion"
+
+
+def test_outputs_are_clean(notebook):
+    path, nb = notebook
+    for i, cell in enumerate(_code_cells(nb)):
+        tags = cell.get("metadata", {}).get("tags", [])
+        for out in cell["outputs"]:
+            assert out.get("name") != "stderr", f"{path.name} code cell {i}: stderr output"
+            if out["output_type"] == "error":
+                assert "raises-exception" in tags, f"{path.name} code cell {i}: unexpected error"
+            text = json.dumps(out.get("text", "")) + json.dumps(
+                {k: v for k, v in out.get("data", {}).items() if not k.startswith("image/")})
+            assert not re.search(r"/(root|home|tmp|work|Users)/", text), (
+                f"{path.name} code cell {i}: absolute path in output")
+            assert not re.search(r"0x[0-9a-f]{8,}", text), f"{path.name} cell {i}: memory address"
+
+
+def test_claims_are_asserted_and_exercises_have_checked_solutions(notebook):
+    path, nb = notebook
+    code = "\n".join(_source(c) for c in _code_cells(nb))
+    markdown = "\n".join(_source(c) for c in nb["cells"] if c["cell_type"] == "markdown")
+    assert code.count("assert ") >= 5, f"{path.name}: too few claim cells"
+    assert "## Objectives" in markdown or ":class: tip" in markdown, f"{path.name}: objectives"
+    assert "## Summary" in markdown, f"{path.name}: summary"
+    assert "## Exercises" in markdown, f"{path.name}: exercises"
+    solutions = re.findall(r"```\{solution-start\}\s+(\S+)", markdown)
+    exercises = re.findall(r":label: (\S+)", markdown)
+    assert solutions, f"{path.name}: no hidden solutions"
+    assert set(solutions) <= set(exercises), f"{path.name}: solution without exercise"
+    # each gated solution contains at least one code cell with an assert
+    cells = nb["cells"]
+    for i, cell in enumerate(cells):
+        if cell["cell_type"] == "markdown" and "{solution-start}" in _source(cell):
+            j = i + 1
+            body = []
+            while "{solution-end}" not in _source(cells[j]):
+                body.append(cells[j])
+                j += 1
+            assert any(c["cell_type"] == "code" and "assert" in _source(c) for c in body), (
+                f"{path.name}: a solution without a checked code cell")
+
+
+def test_notebooks_do_not_redefine_the_package(notebook):
+    path, nb = notebook
+    package = _package_names()
+    for cell in _code_cells(nb):
+        source = "\n".join(line for line in _source(cell).splitlines()
+                           if not line.lstrip().startswith(("%", "!")))
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                assert node.name not in package, (
+                    f"{path.name} defines {node.name}, which companion already has")
