@@ -9,10 +9,19 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
+import os
 
-import pytest
-import torch
+# One CPU thread per process, set before torch is imported here and inherited by the
+# notebook kernels that nbval starts. pytest runs two processes on a 2-core machine; with
+# PyTorch's default of one thread per core they would oversubscribe the cores and spin,
+# which slows small models tenfold. `make notebooks` stores outputs with the same
+# setting, so stored and fresh outputs come from the same arithmetic.
+os.environ["OMP_NUM_THREADS"] = "1"
+
+from collections import defaultdict  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 #: Parametrise a test over these to run it on the CPU and, when present, on CUDA.
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]

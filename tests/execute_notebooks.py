@@ -9,6 +9,7 @@ nothing leaves the file byte-for-byte identical. Prints the wall time of each.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,10 @@ import nbformat
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# The kernels inherit this: one CPU thread, exactly as under `make test` (tests/conftest.py).
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def execute(path: Path) -> float:
