@@ -3,6 +3,7 @@
 #   make test       unit tests + strict nbval over every notebook, one pytest run
 #   make notebooks  re-execute every notebook in place (refresh stored outputs)
 #   make benchmarks time the reference code against PyTorch / scikit-learn / Captum
+#   make benchmark-tables  refresh the tables of the benchmark appendix
 
 PYTHON ?= python3
 VENV   := .venv
@@ -15,7 +16,7 @@ JOBS   ?= 2
 export PYTHONHASHSEED := 0
 export COMPANION_DEVICE ?= cpu
 
-.PHONY: all book test notebooks benchmarks lint clean
+.PHONY: all book test notebooks benchmarks benchmark-tables lint clean
 
 all: test book
 
@@ -37,6 +38,11 @@ notebooks: $(STAMP)
 
 benchmarks: $(STAMP)
 	$(BIN)/python -m companion.benchmarks
+
+# The tables of the benchmark appendix (run on an otherwise idle machine).
+benchmark-tables: $(STAMP)
+	$(BIN)/python -m companion.benchmarks --device cpu --threads 1 --markdown > book/appendix/benchmarks_cpu_1thread.md
+	$(BIN)/python -m companion.benchmarks --device cpu --threads 2 --markdown > book/appendix/benchmarks_cpu_2threads.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check companion tests book

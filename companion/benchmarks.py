@@ -160,7 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     parser.add_argument("--list", action="store_true", help="list the rows and exit")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for both sides (default: PyTorch's choice)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     if args.list:
         for name, chapter, _ in REGISTRY:
             print(f"{chapter:>10}  {name}")
@@ -170,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     if not results:
         print("no benchmark matched", file=sys.stderr)
         return 1
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(f"torch {torch.__version__}, CPU threads: {torch.get_num_threads()}")
+    if args.markdown:
+        print()  # a Markdown table needs a blank line before it
     print(format_table(results, markdown=args.markdown))
     return 0
 

@@ -97,7 +97,7 @@ class CharTokenizer:
     >>> tok.encode("hell").tolist()
     [1, 0, 2, 2]
     >>> tok.decode([3, 1])
-    'oe'
+    'oh'
     """
 
     def __init__(self, text: str):

@@ -20,7 +20,7 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# The kernels inherit this: one CPU thread, exactly as under `make test` (tests/conftest.py).
+# The kernels inherit this: one CPU thread, exactly as under `make test` (conftest.py).
 os.environ["OMP_NUM_THREADS"] = "1"
 
 

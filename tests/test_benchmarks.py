@@ -1,6 +1,7 @@
 """companion.benchmarks: the runner and the table (speed itself is never asserted)."""
 
 import pytest
+import torch
 
 from companion import benchmarks
 from companion.benchmarks import Case, benchmark
@@ -49,3 +50,12 @@ def test_command_line(fake_row, capsys):
                             "--rounds", "1"]) == 0
     assert "ratio" in capsys.readouterr().out
     assert benchmarks.main(["--device", "cpu", "--only", "no such row"]) == 1
+    threads = torch.get_num_threads()
+    try:
+        assert benchmarks.main(["--device", "cpu", "--only", "fake row", "--quick",
+                                "--rounds", "1", "--threads", "1"]) == 0
+        assert "CPU threads: 1" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(SystemExit):
+        benchmarks.main(["--threads", "0"])

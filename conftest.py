@@ -1,0 +1,35 @@
+"""Repository-wide pytest set-up, loaded for unit tests and notebooks alike.
+
+* One CPU thread per process. This runs before torch is imported and is inherited by
+  the notebook kernels that nbval starts. `make test` runs two pytest processes on a
+  2-core machine; with PyTorch's default of one thread per core they would
+  oversubscribe the cores and spin, which slows small models tenfold. `make notebooks`
+  stores outputs with the same setting, so stored and fresh outputs come from the same
+  arithmetic however pytest is invoked (`pytest`, `pytest book/`, one notebook).
+* After the run, the terminal summary lists how long each notebook took under nbval
+  (kernel start included), slowest first: the book's budget is 60 s per notebook on a
+  2-core CPU. It is a report, not a test: timings vary by machine.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+os.environ["OMP_NUM_THREADS"] = "1"
+
+_notebook_seconds: dict[str, float] = defaultdict(float)
+
+
+def pytest_runtest_logreport(report):
+    path = report.nodeid.split("::")[0]
+    if path.endswith(".ipynb"):
+        _notebook_seconds[path] += report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _notebook_seconds:
+        return
+    terminalreporter.section("notebook wall time under nbval (budget: 60 s each on 2 CPU cores)")
+    for path, seconds in sorted(_notebook_seconds.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"{seconds:7.1f} s  {path}")
