@@ -139,6 +139,41 @@ def format_table(results: list[Result], markdown: bool = False) -> str:
 
 # --- Chapter 2: backpropagation ---------------------------------------------------------
 
+
+@benchmark("hand-written MLP forward+backward", "2")
+def _mlp_backprop(device, quick):
+    """Forward, softmax cross-entropy and backward of a ReLU MLP: ours vs torch.nn + autograd.
+
+    The hand-written backward also returns dL/d(input); the reference input requires a
+    gradient too, so that both sides do the same matrix products.
+    """
+    from companion.backprop import MLP, SoftmaxCrossEntropy
+
+    batch, sizes = (32, [64, 64, 10]) if quick else (256, [784, 512, 256, 10])
+    torch.manual_seed(0)
+    ours = MLP(sizes, device=device)
+    reference = ours.to_torch()
+    x = torch.randn(batch, sizes[0], device=device)
+    y = torch.randint(0, sizes[-1], (batch,), device=device)
+    loss_fn = SoftmaxCrossEntropy()
+
+    def hand_written():
+        loss_fn(ours(x), y)
+        ours.zero_grad(set_to_none=True)
+        ours.backward(loss_fn.backward())
+
+    x_ref = x.clone().requires_grad_(True)
+
+    def autograd():
+        reference.zero_grad(set_to_none=True)
+        x_ref.grad = None
+        torch.nn.functional.cross_entropy(reference(x_ref), y).backward()
+
+    return Case(hand_written, autograd, "torch.nn + autograd",
+                size=f"batch {batch}, {'-'.join(map(str, sizes))}", work=batch,
+                work_unit="samples")
+
+
 # --- Chapter 3: optimizers --------------------------------------------------------------
 
 # --- Chapter 4: the Transformer ---------------------------------------------------------
