@@ -176,6 +176,42 @@ def _mlp_backprop(device, quick):
 
 # --- Chapter 3: optimizers --------------------------------------------------------------
 
+
+def _gpt_like_parameters(device, quick: bool) -> list[torch.Tensor]:
+    """Parameters (with gradients) shaped like a 2-block GPT of width 512: 10.5 M in 27 tensors."""
+    d, vocab = (128, 2048) if quick else (512, 8192)
+    block = [(3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,),  # attention, LayerNorm
+             (4 * d, d), (4 * d,), (d, 4 * d), (d,), (d,), (d,)]  # MLP, LayerNorm
+    generator = torch.Generator().manual_seed(0)
+    params = []
+    for shape in [(vocab, d)] + 2 * block + [(d,), (d,)]:
+        param = torch.randn(shape, generator=generator).to(device).requires_grad_()
+        param.grad = 1e-3 * torch.randn(shape, generator=generator).to(device)
+        params.append(param)
+    return params
+
+
+def _optimizer_step_case(name: str, device, quick: bool) -> Case:
+    from companion import optim
+
+    ours = getattr(optim, name)(_gpt_like_parameters(device, quick), lr=1e-3)
+    reference = getattr(torch.optim, name)(_gpt_like_parameters(device, quick), lr=1e-3,
+                                           foreach=True)
+    n_params = sum(p.numel() for group in ours.param_groups for p in group["params"])
+    return Case(ours.step, reference.step, f"torch.optim.{name}(foreach=True)",
+                size=f"{n_params / 1e6:.1f}M params", work=n_params, work_unit="params")
+
+
+@benchmark("optim: Adam step", "3")
+def _adam_step(device, quick):
+    return _optimizer_step_case("Adam", device, quick)
+
+
+@benchmark("optim: AdamW step", "3")
+def _adamw_step(device, quick):
+    return _optimizer_step_case("AdamW", device, quick)
+
+
 # --- Chapter 4: the Transformer ---------------------------------------------------------
 
 # --- Chapter 5: evaluation metrics ------------------------------------------------------
