@@ -214,6 +214,100 @@ def _adamw_step(device, quick):
 
 # --- Chapter 4: the Transformer ---------------------------------------------------------
 
+
+def _attention_inputs(device, batch, heads, length, head_dim, requires_grad=False):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(batch, heads, length, head_dim, generator=g).to(device)
+            .requires_grad_(requires_grad) for _ in range(3)]
+
+
+@benchmark("attention fwd+bwd: readable vs F.scaled_dot_product_attention", "4")
+def _bench_attention(device, quick):
+    from companion.transformer import scaled_dot_product_attention
+
+    B, H, T, D = (2, 4, 64, 32) if quick else (8, 8, 256, 64)
+    q, k, v = _attention_inputs(device, B, H, T, D, requires_grad=True)
+
+    def step(fn):
+        def run():
+            fn(q, k, v, is_causal=True).sum().backward()
+        return run
+
+    reference = torch.nn.functional.scaled_dot_product_attention
+    return Case(step(scaled_dot_product_attention), step(reference),
+                "F.scaled_dot_product_attention", f"B={B} H={H} T={T} d={D} causal",
+                work=B * T, work_unit="tokens")
+
+
+@benchmark("multi-head attention forward: ours vs nn.MultiheadAttention", "4")
+def _bench_mha(device, quick):
+    from companion.transformer import MultiHeadAttention, causal_mask
+
+    B, T, E, H = (2, 64, 64, 4) if quick else (8, 256, 256, 8)
+    theirs = torch.nn.MultiheadAttention(E, H, batch_first=True).to(device).eval()
+    ours = MultiHeadAttention(E, H).to(device).load_from_torch(theirs).eval()
+    x = torch.randn(B, T, E, generator=torch.Generator().manual_seed(0)).to(device)
+    mask = ~causal_mask(T, T, device=device)
+
+    @torch.no_grad()
+    def ours_run():
+        ours(x, x, x, is_causal=True)
+
+    @torch.no_grad()
+    def theirs_run():
+        theirs(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)
+
+    return Case(ours_run, theirs_run, "nn.MultiheadAttention", f"B={B} T={T} E={E} H={H}",
+                work=B * T, work_unit="tokens")
+
+
+def _small_gpt(device, quick, fast_attention=True):
+    from companion.transformer import GPT, GPTConfig
+
+    size = dict(n_layer=2, n_head=2, n_embd=64) if quick else dict(n_layer=4, n_head=4,
+                                                                     n_embd=128)
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=103, block_size=128, fast_attention=fast_attention, **size)
+    return GPT(config).to(device)
+
+
+@benchmark("gpt training step: readable attention vs fast path", "4")
+def _bench_gpt_training(device, quick):
+    B, T = (4, 64) if quick else (32, 128)
+    x = torch.randint(103, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def trainer(model):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                _, loss = model(x, x)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return step
+
+    readable, fast = _small_gpt(device, quick, False), _small_gpt(device, quick, True)
+    c = readable.config
+    return Case(trainer(readable), trainer(fast), "fast path (F.sdpa)",
+                f"L={c.n_layer} d={c.n_embd} B={B} T={T}", work=B * T, work_unit="tokens")
+
+
+@benchmark("gpt generation: kv cache vs no cache", "4")
+def _bench_generation(device, quick):
+    model = _small_gpt(device, quick).eval()
+    new_tokens = 32 if quick else 120
+    prompt = torch.zeros(1, 8, dtype=torch.long, device=device)
+
+    def generate(use_cache):
+        return lambda: model.generate(prompt, new_tokens, temperature=0.0, use_cache=use_cache)
+
+    c = model.config
+    return Case(generate(True), generate(False), "no cache",
+                f"L={c.n_layer} d={c.n_embd} 8+{new_tokens} tokens", work=new_tokens,
+                work_unit="tokens")
+
+
 # --- Chapter 5: evaluation metrics ------------------------------------------------------
 
 # --- Chapter 6: interpretability --------------------------------------------------------

@@ -181,3 +181,69 @@ class CharCorpus:
         windows = data[index]
         x, y = windows[:, :-1], windows[:, 1:]
         return x.to(device), y.to(device)
+
+
+# --------------------------------------------------------------------------- a synthetic task
+# Chapter 4: a sequence task with one exact answer, to measure exact-match accuracy.
+
+
+class SortingTask:
+    """Sort ``length`` digits: ``3 1 4 1 5 | 1 1 3 4 5``, a task with one right answer.
+
+    A sequence is ``length`` random symbols in ``0 .. num_values - 1``, the separator
+    (id ``num_values``) and the same symbols sorted. A language model reads it left
+    to right; only its predictions after the separator are scored, so the targets
+    of the first ``length`` positions are ``-1`` (ignored by the loss).
+
+    >>> task = SortingTask(length=4)
+    >>> x, y = task.sample(1, generator=torch.Generator().manual_seed(0))
+    >>> task.decode(torch.cat((x[0], y[0, -1:])))
+    '4 9 3 0 | 0 3 4 9'
+    """
+
+    def __init__(self, length: int = 8, num_values: int = 10):
+        for name, value in (("length", length), ("num_values", num_values)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.length, self.num_values = length, num_values
+
+    @property
+    def separator(self) -> int:
+        return self.num_values
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_values + 1
+
+    @property
+    def block_size(self) -> int:
+        """The length of the model's input (digits, separator, all answer digits but the last)."""
+        return 2 * self.length
+
+    def sequences(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` complete sequences ``(n, 2 * length + 1)``: digits, separator, sorted."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        digits = torch.randint(self.num_values, (n, self.length), generator=generator)
+        separator = torch.full((n, 1), self.separator)
+        return torch.cat((digits, separator, digits.sort(dim=1).values), dim=1)
+
+    def sample(self, n: int, generator: torch.Generator | None = None, device=None):
+        """A batch ``(x, y)`` of shape ``(n, 2 * length)`` for next-token training.
+
+        ``y[:, t] == x[:, t + 1]`` where scored, ``-1`` before the separator.
+        """
+        seq = self.sequences(n, generator)
+        x, y = seq[:, :-1], seq[:, 1:].clone()
+        y[:, :self.length] = -1  # the unsorted digits cannot be predicted: not scored
+        return x.to(device), y.to(device)
+
+    def split(self, sequences: torch.Tensor):
+        """``(prompts, answers)``: the digits and separator ``(n, length + 1)`` and the
+        sorted digits ``(n, length)`` of complete ``sequences``."""
+        return sequences[:, :self.length + 1], sequences[:, self.length + 1:]
+
+    def decode(self, ids) -> str:
+        """A readable string of one sequence, the separator shown as ``|``."""
+        symbols = ["|" if i == self.separator else str(i) for i in torch.as_tensor(ids).tolist()]
+        return " ".join(symbols)

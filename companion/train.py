@@ -8,6 +8,7 @@ backward, optimizer step -- with the history every chapter plots. It takes any
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -116,3 +117,149 @@ def train_classifier(model: nn.Module, optimizer: torch.optim.Optimizer, X: torc
             history.epoch_val_loss.append(val_loss)
             history.epoch_val_accuracy.append(val_acc)
     return history
+
+
+# --------------------------------------------------------------------------- language models
+# Chapter 4: next-token training of companion.transformer.GPT (and any model with the
+# same interface: ``model(x, targets) -> (logits, loss)``).
+
+
+@dataclass
+class LMHistory:
+    """What :func:`train_language_model` records.
+
+    ``step_loss`` has the training-batch loss of every step; ``eval_step``,
+    ``train_loss`` and ``val_loss`` the losses on the fixed evaluation batches every
+    ``eval_every`` steps (and after the last one). ``tokens_per_second`` counts the
+    training tokens (batch x time) per second of wall time, evaluations excluded.
+    """
+
+    step_loss: list[float] = field(default_factory=list)
+    eval_step: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    tokens_per_second: float = 0.0
+
+
+def fixed_windows(ids: torch.Tensor, block_size: int, num_windows: int | None = None):
+    """Non-overlapping windows of a token stream: inputs and next-token targets.
+
+    Returns ``(x, y)``, each ``(n, block_size)``, with ``y[:, t] == x[:, t + 1]``;
+    the windows start at evenly spaced offsets and never overlap, so ``num_windows=None``
+    (all of them) covers the whole stream once. Deterministic: use it for evaluation.
+    """
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
+        raise ValueError("ids must be a 1-D tensor of token ids")
+    if block_size < 1 or block_size >= len(ids):
+        raise ValueError(f"block_size must be in [1, {len(ids)}), got {block_size}")
+    available = (len(ids) - 1) // block_size
+    n = available if num_windows is None else num_windows
+    if not 1 <= n <= available:
+        raise ValueError(f"num_windows must be in [1, {available}], got {num_windows}")
+    starts = torch.linspace(0, (available - 1) * block_size, n).long()
+    starts = starts - starts % block_size  # on the grid of non-overlapping windows
+    index = starts[:, None] + torch.arange(block_size + 1)  # (n, T+1)
+    windows = ids[index]
+    return windows[:, :-1], windows[:, 1:]
+
+
+def _batches_in_eval_mode(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int):
+    """Yield ``(x, y)`` batches on the model's device, the model in eval mode meanwhile."""
+    was_training = model.training
+    model.eval()
+    device = _device_of(model)
+    try:
+        for start in range(0, len(x), batch_size):
+            yield x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def language_model_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                        batch_size: int = 64) -> float:
+    """Mean next-token cross-entropy (nats per token) of ``model`` on ``(x, y)``.
+
+    ``model(x, y)`` must return ``(logits, mean_loss)``; positions whose target is
+    ``-1`` are ignored. Eval mode, no gradients; the mode is restored afterwards.
+    """
+    total, count = 0.0, 0
+    for xb, yb in _batches_in_eval_mode(model, x, y, batch_size):
+        _, loss = model(xb, yb)
+        n = int((yb != -1).sum())
+        total, count = total + loss.item() * n, count + n
+    return total / count
+
+
+def train_language_model(model: nn.Module, optimizer: torch.optim.Optimizer, get_batch, *,
+                         steps: int, eval_every: int, eval_batches: dict, scheduler=None,
+                         grad_clip: float | None = 1.0,
+                         autocast_dtype: torch.dtype | None = None, log=None) -> LMHistory:
+    """Next-token training: ``steps`` optimizer steps on batches from ``get_batch()``.
+
+    ``get_batch()`` returns ``(x, y)`` id tensors ``(B, T)``; ``model(x, y)`` returns
+    ``(logits, loss)``. Every ``eval_every`` steps (and at the end) the loss on
+    ``eval_batches = {"train": (x, y), "val": (x, y)}`` -- fixed batches, e.g. from
+    :func:`fixed_windows` -- is recorded. Gradients are clipped to norm ``grad_clip``.
+    ``autocast_dtype`` (default: bfloat16 on CUDA, none elsewhere) runs the forward
+    pass in mixed precision; the weights stay float32. ``log(history)``, if given, is
+    called after each evaluation (e.g. to print progress).
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if not isinstance(eval_every, int) or eval_every < 1:
+        raise ValueError(f"eval_every must be a positive int, got {eval_every!r}")
+    if set(eval_batches) != {"train", "val"}:
+        raise ValueError(f"eval_batches must have keys 'train' and 'val', got {set(eval_batches)}")
+    device = _device_of(model)
+    if autocast_dtype is None and device.type == "cuda":
+        autocast_dtype = torch.bfloat16
+    history, seconds, tokens = LMHistory(), 0.0, 0
+
+    def record(step):
+        history.eval_step.append(step)
+        history.train_loss.append(language_model_loss(model, *eval_batches["train"]))
+        history.val_loss.append(language_model_loss(model, *eval_batches["val"]))
+        history.tokens_per_second = tokens / seconds if seconds else 0.0
+        if log is not None:
+            log(history)
+
+    model.train()
+    for step in range(steps):
+        if step % eval_every == 0:
+            record(step)
+            model.train()
+        start = time.perf_counter()
+        x, y = get_batch()
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        history.step_loss.append(loss.item())  # .item() waits for the GPU: fair timing
+        seconds += time.perf_counter() - start
+        tokens += x.numel()
+    record(steps)
+    return history
+
+
+@torch.no_grad()
+def exact_match_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                         batch_size: int = 1024) -> float:
+    """Fraction of rows of ``(x, y)`` whose every scored target is the arg-max prediction.
+
+    ``model(x)`` returns ``(logits, _)``; targets ``-1`` are not scored. With teacher
+    forcing this equals the exact-match accuracy of greedy decoding: greedy decoding
+    reproduces the whole answer if and only if every answer token is the arg-max given
+    the correct tokens before it. Eval mode; the mode is restored afterwards.
+    """
+    correct = 0
+    for xb, yb in _batches_in_eval_mode(model, x, y, batch_size):
+        prediction = model(xb)[0].argmax(dim=-1)  # (B, T)
+        correct += ((prediction == yb) | (yb == -1)).all(dim=1).sum().item()
+    return correct / len(x)

@@ -1,0 +1,154 @@
+"""Language-model training (companion.train), the sorting task (companion.data) and the
+pretrained checkpoint (companion.pretrained)."""
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from companion import pretrained
+from companion.data import CharCorpus, SortingTask
+from companion.train import (
+    exact_match_accuracy,
+    fixed_windows,
+    language_model_loss,
+    train_language_model,
+)
+from companion.transformer import GPT, GPTConfig
+
+# --------------------------------------------------------------------------- the sorting task
+
+
+def test_sorting_task_sequences_and_targets():
+    task = SortingTask(length=5, num_values=7)
+    seq = task.sequences(100, torch.Generator().manual_seed(0))
+    assert seq.shape == (100, 11) and task.vocab_size == 8 and task.block_size == 10
+    prompts, answers = task.split(seq)
+    assert (prompts[:, -1] == task.separator).all() and (prompts[:, :-1] < 7).all()
+    assert torch.equal(answers, prompts[:, :-1].sort(dim=1).values)
+    x, y = task.sample(50, torch.Generator().manual_seed(1))
+    assert x.shape == y.shape == (50, 10)
+    assert (y[:, :5] == -1).all()
+    assert torch.equal(y[:, 5:], x[:, :5].sort(dim=1).values)
+    assert torch.equal(x[:, 6:], y[:, 5:-1])  # next-token alignment inside the answer
+    assert task.decode([3, 1, 7, 1, 3]) == "3 1 | 1 3"
+
+
+def test_sorting_task_is_seeded_and_rejects_bad_sizes():
+    a = SortingTask().sequences(4, torch.Generator().manual_seed(3))
+    b = SortingTask().sequences(4, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="length"):
+        SortingTask(length=0)
+    with pytest.raises(ValueError, match="n must be"):
+        SortingTask().sequences(0)
+
+
+def _tiny_gpt(vocab_size, block_size, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size, block_size, n_layer=2, n_head=2, n_embd=32)).to(dtype)
+
+
+def test_exact_match_equals_greedy_decoding():
+    task = SortingTask(length=4, num_values=5)
+    model = _tiny_gpt(task.vocab_size, task.block_size)
+    seq = task.sequences(200, torch.Generator().manual_seed(0))
+    prompts, answers = task.split(seq)
+    # make about half the rows right: set the targets to the model's own greedy output
+    greedy = model.generate(prompts, task.length, temperature=0.0)[:, task.length + 1:]
+    mixed = torch.where(torch.arange(200)[:, None] % 2 == 0, greedy, answers)
+    x = torch.cat((prompts, mixed[:, :-1]), dim=1)
+    y = torch.cat((torch.full((200, task.length), -1), mixed), dim=1)
+    by_generation = (model.generate(x[:, :task.length + 1], task.length, temperature=0.0)
+                     [:, task.length + 1:] == mixed).all(1).double().mean().item()
+    assert exact_match_accuracy(model, x, y, batch_size=64) == by_generation
+    assert 0.5 <= by_generation < 1.0
+
+
+# --------------------------------------------------------------------------- losses and loops
+
+
+def test_fixed_windows_tile_the_stream():
+    ids = torch.arange(1000)
+    x, y = fixed_windows(ids, 64)
+    assert x.shape == (15, 64)
+    assert torch.equal(x.flatten(), ids[:960]) and torch.equal(y, x + 1)
+    xs, _ = fixed_windows(ids, 64, num_windows=4)
+    assert xs.shape == (4, 64) and (xs[:, 0] % 64 == 0).all() and len(set(xs[:, 0].tolist())) == 4
+    with pytest.raises(ValueError, match="num_windows"):
+        fixed_windows(ids, 64, num_windows=16)
+    with pytest.raises(ValueError, match="block_size"):
+        fixed_windows(ids, 1000)
+
+
+def test_language_model_loss_is_the_mean_over_scored_tokens():
+    model = _tiny_gpt(11, 16)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(11, (10, 16), generator=g), torch.randint(11, (10, 16), generator=g)
+    y[:3, :5] = -1
+    logits, _ = model(x)
+    expected = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1).item()
+    assert language_model_loss(model, x, y, batch_size=3) == pytest.approx(expected, rel=1e-12)
+    assert model.training
+
+
+def test_training_learns_the_sorting_task(device):
+    task = SortingTask(length=4, num_values=5)
+    model = _tiny_gpt(task.vocab_size, task.block_size, dtype=torch.float32).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    eval_batches = {s: task.sample(256, torch.Generator().manual_seed(i), device)
+                    for i, s in enumerate(("train", "val"))}
+    logged = []
+    history = train_language_model(model, optimizer, lambda: task.sample(64, g, device),
+                                   steps=200, eval_every=100, eval_batches=eval_batches,
+                                   log=lambda h: logged.append(h.eval_step[-1]))
+    assert history.eval_step == logged == [0, 100, 200]
+    assert len(history.step_loss) == 200 and history.tokens_per_second > 0
+    assert history.val_loss[-1] < 0.5 * history.val_loss[0]
+    assert exact_match_accuracy(model, *eval_batches["val"]) > 0.5
+
+
+def test_training_rejects_bad_arguments():
+    model = _tiny_gpt(5, 8)
+    optimizer = torch.optim.AdamW(model.parameters())
+    batches = {"train": None, "val": None}
+    with pytest.raises(ValueError, match="steps"):
+        train_language_model(model, optimizer, None, steps=0, eval_every=1, eval_batches=batches)
+    with pytest.raises(ValueError, match="eval_every"):
+        train_language_model(model, optimizer, None, steps=1, eval_every=0, eval_batches=batches)
+    with pytest.raises(ValueError, match="eval_batches"):
+        train_language_model(model, optimizer, None, steps=1, eval_every=1, eval_batches={})
+
+
+# --------------------------------------------------------------------------- the checkpoint
+
+
+def test_checkpoint_round_trip(tmp_path):
+    corpus = CharCorpus("a small text, just to have a vocabulary", val_fraction=0.5)
+    model = _tiny_gpt(corpus.vocab_size, 8, dtype=torch.float32)
+    path = pretrained.save_checkpoint(model, corpus, tmp_path / "m.pt", note="test")
+    loaded, checkpoint = pretrained.load_checkpoint(path, device="cpu")
+    assert not loaded.training and checkpoint["record"] == {"note": "test"}
+    assert checkpoint["vocab"] == "".join(corpus.tokenizer.itos)
+    assert loaded.config == model.config
+    x = torch.randint(corpus.vocab_size, (2, 8))
+    assert torch.equal(loaded(x)[0], model.eval()(x)[0])
+    assert pretrained.sha256(path) == pretrained.sha256(path) and len(pretrained.sha256(path)) == 64
+
+
+def test_the_shipped_checkpoint():
+    path = pretrained.CHECKPOINT
+    assert path.stat().st_size < 5e6
+    model, corpus = pretrained.load_pretrained_gpt(device="cpu")
+    assert not model.training and model.config.vocab_size == corpus.vocab_size
+    assert model.config.block_size == pretrained.CONFIG["block_size"]
+    checkpoint = torch.load(path, weights_only=True)
+    # the documented checksum and validation loss are those of the file
+    doc = pretrained.__doc__
+    assert re.search(r"sha256 ``([0-9a-f]{64})``", doc).group(1) == pretrained.sha256(path)
+    documented = float(re.search(r"validation text, .*?\):\s+([0-9.]+)", doc, re.S).group(1))
+    assert documented == round(checkpoint["record"]["val_loss"], 4)
+    # and evaluating the model again on all of the validation text confirms it
+    assert abs(pretrained.validation_loss(model, corpus) - documented) < 1e-3
