@@ -310,6 +310,40 @@ def _bench_generation(device, quick):
 
 # --- Chapter 5: evaluation metrics ------------------------------------------------------
 
+
+def _binary_predictions(device, quick):
+    """Labels, informative float64 scores and thresholded predictions, as tensors on
+    ``device`` and as the NumPy arrays scikit-learn works on."""
+    n = 10_000 if quick else 1_000_000
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (n,), generator=g)
+    score = torch.randn(n, generator=g, dtype=torch.float64) + y
+    pred = (score > 0.5).long()
+    tensors = tuple(t.to(device) for t in (y, score, pred))
+    return n, tensors, tuple(t.numpy() for t in (y, score, pred))
+
+
+@benchmark("roc_auc_score: tensors vs scikit-learn", "5")
+def _bench_roc_auc(device, quick):
+    from sklearn.metrics import roc_auc_score as sklearn_roc_auc_score
+
+    from companion.metrics import roc_auc_score
+
+    n, (y, score, _), (y_np, score_np, _) = _binary_predictions(device, quick)
+    return Case(lambda: roc_auc_score(y, score), lambda: sklearn_roc_auc_score(y_np, score_np),
+                "sklearn.metrics (NumPy)", f"n={n:,}", work=n, work_unit="samples")
+
+
+@benchmark("f1_score: tensors vs scikit-learn", "5")
+def _bench_f1(device, quick):
+    from sklearn.metrics import f1_score as sklearn_f1_score
+
+    from companion.metrics import f1_score
+
+    n, (y, _, pred), (y_np, _, pred_np) = _binary_predictions(device, quick)
+    return Case(lambda: f1_score(y, pred), lambda: sklearn_f1_score(y_np, pred_np),
+                "sklearn.metrics (NumPy)", f"n={n:,}", work=n, work_unit="samples")
+
 # --- Chapter 6: interpretability --------------------------------------------------------
 
 
