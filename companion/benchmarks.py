@@ -347,6 +347,34 @@ def _bench_f1(device, quick):
 # --- Chapter 6: interpretability --------------------------------------------------------
 
 
+@benchmark("integrated gradients: ours vs captum IntegratedGradients", "6")
+def _bench_integrated_gradients(device, quick):
+    """IG of chapter 6's digit CNN (untrained weights; the work is the same), same rule."""
+    from captum.attr import IntegratedGradients
+
+    from companion.interpret import integrated_gradients
+
+    batch, n_steps = (8, 16) if quick else (64, 50)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ELU(),
+        torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ELU(),
+        torch.nn.Flatten(), torch.nn.Linear(32 * 16, 10)).to(device).eval()
+    x = torch.rand(batch, 1, 8, 8, generator=torch.Generator().manual_seed(0)).to(device)
+    target = torch.arange(batch, device=device) % 10
+    captum_ig = IntegratedGradients(model)
+
+    def ours():
+        integrated_gradients(model, x, target=target, n_steps=n_steps, method="gausslegendre")
+
+    def reference():
+        captum_ig.attribute(x, target=target, n_steps=n_steps, method="gausslegendre")
+
+    return Case(ours, reference, "captum IntegratedGradients",
+                f"B={batch} 8x8 images, n_steps={n_steps}, gausslegendre",
+                work=batch * n_steps, work_unit="path points")
+
+
 # =========================================================================== command line
 
 

@@ -1,0 +1,627 @@
+"""Attributions that are computed and then checked (book: chapter 6, "Interpretability").
+
+An *attribution* assigns to every input feature a share of one output of a model.
+This module implements the pieces the chapter derives and tests:
+
+* :func:`integrated_gradients` -- Integrated Gradients :cite:p:`sundararajan2017axiomatic`
+  from its definition, with the quadrature rules of :func:`path_quadrature`; the unit
+  tests compare it with Captum's :cite:p:`kokhlikyan2020captum`
+  ``captum.attr.IntegratedGradients``.
+* :func:`forward_from_layer` -- a model as a function of one layer's output, to attribute
+  to token embeddings (Captum's ``LayerIntegratedGradients``).
+* :func:`shapley_values` -- exact Shapley values of a few feature groups, by enumerating
+  every coalition: the quantity that SHAP :cite:p:`lundberg2017unified` estimates.
+* :func:`perturbation_curve` -- deletion and insertion curves
+  :cite:p:`petsiuk2018rise`: does removing the highest-attributed features hurt most?
+* :func:`cascading_randomization` and :func:`rank_correlation` -- the model-randomisation
+  sanity check :cite:p:`adebayo2018sanity`.
+* :func:`attention_rollout` -- attention flow through the layers of a Transformer
+  :cite:p:`abnar2020quantifying`.
+* :func:`show_image_attributions`, :func:`show_text_attribution` -- figures in the book's
+  style.
+
+Every function takes batch-first tensors, ``(B, ...)``, and works on any device.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from companion.plotting import DIVERGING_CMAP, label, subplots
+
+#: The quadrature rules of :func:`path_quadrature` (Captum's names).
+QUADRATURE_METHODS = (
+    "riemann_left",
+    "riemann_right",
+    "riemann_middle",
+    "riemann_trapezoid",
+    "gausslegendre",
+)
+
+# --------------------------------------------------------------------------- input checks
+
+
+def _check_forward_func(forward_func) -> None:
+    if not callable(forward_func):
+        raise TypeError(f"forward_func must be callable, got {type(forward_func).__name__}")
+
+
+def _check_batch(inputs, name: str = "inputs", floating: bool = True) -> Tensor:
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"{name} must be a tensor of shape (B, ...), got {type(inputs).__name__}")
+    if inputs.dim() < 1 or inputs.shape[0] == 0:
+        raise ValueError(f"{name} must have a batch dimension of size >= 1, got shape "
+                         f"{tuple(inputs.shape)}")
+    if floating and not inputs.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {inputs.dtype}")
+    return inputs
+
+
+def _as_baselines(inputs: Tensor, baselines) -> Tensor:
+    """``baselines`` as a tensor shaped ``(B, ...)`` or ``(1, ...)`` to broadcast on ``inputs``."""
+    if baselines is None:
+        return torch.zeros_like(inputs[:1])
+    if isinstance(baselines, (int, float)) and not isinstance(baselines, bool):
+        return torch.full_like(inputs[:1], baselines)
+    if not isinstance(baselines, Tensor):
+        raise TypeError("baselines must be None, a number or a tensor, got "
+                        f"{type(baselines).__name__}")
+    allowed = (tuple(inputs.shape), (1, *inputs.shape[1:]))
+    if tuple(baselines.shape) not in allowed:
+        raise ValueError(f"baselines must have shape {allowed[0]} or {allowed[1]} (like inputs), "
+                         f"got {tuple(baselines.shape)}")
+    return baselines.to(dtype=inputs.dtype, device=inputs.device)
+
+
+def _target_index(target, n_examples: int, n_outputs: int | None, device) -> Tensor | None:
+    """``target`` as a ``(n_examples,)`` long tensor of output indices, or ``None``."""
+    if target is None:
+        if n_outputs not in (None, 1):
+            raise ValueError(f"target is needed: forward_func returns {n_outputs} outputs per "
+                             "example; give the index of the one to explain")
+        return None
+    if n_outputs is None:
+        raise ValueError("target must be None when forward_func returns one number per example")
+    if isinstance(target, (bool, str, bytes)) \
+            or not isinstance(target, (int, np.integer, Sequence, Tensor)):
+        raise TypeError(f"target must be an int, a sequence of ints or a tensor, got "
+                        f"{type(target).__name__}")
+    index = torch.as_tensor(target, device=device)
+    if index.is_floating_point() or index.dim() > 1:
+        raise TypeError(f"target must hold integer indices in at most one dimension, got "
+                        f"dtype {index.dtype} and shape {tuple(index.shape)}")
+    if index.dim() == 1 and index.numel() != n_examples:
+        raise ValueError(f"target has {index.numel()} entries but there are {n_examples} examples")
+    if index.numel() and not bool(((index >= 0) & (index < n_outputs)).all()):
+        raise ValueError(f"target must be in [0, {n_outputs}) (the outputs of forward_func), "
+                         f"got {index.tolist()}")
+    return index.long().expand(n_examples)
+
+
+def _select(output, target, n_examples: int, n_repeats: int) -> Tensor:
+    """The explained number per row of ``output``: ``(n_repeats * n_examples,)``.
+
+    The rows of ``output`` are ``n_repeats`` blocks of the ``n_examples`` examples, in
+    that order (the layout of a batch of paths, perturbations or coalitions).
+    """
+    if not isinstance(output, Tensor):
+        raise TypeError(f"forward_func must return a tensor, got {type(output).__name__}")
+    n_rows = n_repeats * n_examples
+    if output.dim() not in (1, 2) or output.shape[0] != n_rows:
+        raise ValueError(f"forward_func must return shape ({n_rows},) or ({n_rows}, outputs) "
+                         f"for {n_rows} input rows, got {tuple(output.shape)}")
+    n_outputs = output.shape[1] if output.dim() == 2 else None
+    index = _target_index(target, n_examples, n_outputs, output.device)
+    if index is None:
+        return output.reshape(n_rows)
+    return output.gather(1, index.repeat(n_repeats)[:, None]).squeeze(1)
+
+
+# --------------------------------------------------------------------------- integrated gradients
+
+
+def path_quadrature(method: str = "riemann_trapezoid", n_steps: int = 50, *,
+                    dtype: torch.dtype = torch.float64, device=None) -> tuple[Tensor, Tensor]:
+    r"""Nodes :math:`\alpha_k \in [0, 1]` and weights :math:`w_k` of a quadrature rule.
+
+    :math:`\sum_k w_k\, g(\alpha_k) \approx \int_0^1 g(\alpha)\, d\alpha`, with ``n_steps``
+    nodes. The Riemann rules use equal weights :math:`1/n` at the left ends, right ends
+    or midpoints of :math:`n` equal intervals; the trapezoid rule puts its :math:`n` nodes
+    at :math:`k / (n - 1)` with weights :math:`1/(n-1)`, halved at both ends; Gauss-Legendre
+    uses the roots of the Legendre polynomial :math:`P_n`, exact for polynomials of degree
+    :math:`2n - 1`. The weights always sum to one.
+
+    Nodes and weights are computed in float64 and then cast to ``dtype``. (Captum builds
+    its nodes in float32, and its ``riemann_trapezoid`` weights are :math:`1/n`, which sum
+    to :math:`(n - 1)/n`; book section "Integrated Gradients from its definition".)
+
+    Returns
+    -------
+    alphas, weights : two ``(n_steps,)`` tensors
+    """
+    if method not in QUADRATURE_METHODS:
+        raise ValueError(f"method must be one of {QUADRATURE_METHODS}, got {method!r}")
+    minimum = 2 if method == "riemann_trapezoid" else 1
+    if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < minimum:
+        raise ValueError(f"n_steps must be an int >= {minimum} for {method}, got {n_steps!r}")
+    n = int(n_steps)
+    f64 = dict(dtype=torch.float64)
+    weights = torch.full((n,), 1.0 / n, **f64)
+    if method == "riemann_left":
+        alphas = torch.linspace(0.0, 1.0 - 1.0 / n, n, **f64)
+    elif method == "riemann_right":
+        alphas = torch.linspace(1.0 / n, 1.0, n, **f64)
+    elif method == "riemann_middle":
+        alphas = torch.linspace(0.5 / n, 1.0 - 0.5 / n, n, **f64)
+    elif method == "riemann_trapezoid":
+        alphas = torch.linspace(0.0, 1.0, n, **f64)
+        weights = torch.full((n,), 1.0 / (n - 1), **f64)
+        weights[[0, -1]] /= 2
+    else:  # Gauss-Legendre on [-1, 1], mapped to [0, 1]
+        nodes, node_weights = np.polynomial.legendre.leggauss(n)
+        alphas, weights = torch.from_numpy((nodes + 1) / 2), torch.from_numpy(node_weights / 2)
+    return alphas.to(dtype=dtype, device=device), weights.to(dtype=dtype, device=device)
+
+
+def integrated_gradients(forward_func: Callable[[Tensor], Tensor], inputs: Tensor,
+                         baselines=None, target=None, n_steps: int = 50,
+                         method: str = "riemann_trapezoid",
+                         return_convergence_delta: bool = False):
+    r"""Integrated Gradients of ``forward_func`` at ``inputs``, by hand.
+
+    For an input :math:`x`, a baseline :math:`x'` and the explained output :math:`F`,
+
+    .. math::
+
+        \operatorname{IG}_i(x) = (x_i - x'_i) \int_0^1
+            \frac{\partial F}{\partial x_i}\bigl(x' + \alpha (x - x')\bigr)\, d\alpha
+        \approx (x_i - x'_i) \sum_{k=1}^{n} w_k\,
+            \frac{\partial F}{\partial x_i}\bigl(x' + \alpha_k (x - x')\bigr),
+
+    with the nodes and weights of :func:`path_quadrature`. All ``n_steps`` points of all
+    ``B`` paths go through ``forward_func`` as one batch of ``n_steps * B`` rows, and one
+    backward pass gives every gradient (call it on slices of ``inputs`` if that batch does
+    not fit in memory). By the fundamental theorem of calculus the
+    attributions add up to :math:`F(x) - F(x')` (*completeness*); the quadrature error is
+    the convergence delta. Book: chapter 6, "Integrated Gradients from its definition".
+
+    Parameters
+    ----------
+    forward_func:
+        Maps a ``(N, ...)`` batch to ``(N,)`` outputs or ``(N, C)`` outputs (logits,
+        probabilities). Rows must not interact: put the model in ``eval()`` mode.
+    inputs:
+        ``(B, ...)`` floating-point tensor.
+    baselines:
+        ``None`` (zeros), a number, or a tensor of shape ``(B, ...)`` or ``(1, ...)``.
+    target:
+        Which output to explain when ``forward_func`` returns ``(N, C)``: an int for every
+        example, or ``B`` ints (list or tensor). Must be ``None`` for ``(N,)`` outputs.
+    n_steps, method:
+        Quadrature nodes and rule, one of :data:`QUADRATURE_METHODS`.
+    return_convergence_delta:
+        Also return :math:`\sum_i \operatorname{IG}_i - (F(x) - F(x'))` per example.
+
+    Returns
+    -------
+    attributions : ``(B, ...)`` tensor, like ``inputs``
+    delta : ``(B,)`` tensor, only if ``return_convergence_delta``
+    """
+    _check_forward_func(forward_func)
+    inputs = _check_batch(inputs)
+    baselines = _as_baselines(inputs, baselines)
+    alphas, weights = path_quadrature(method, n_steps, dtype=inputs.dtype, device=inputs.device)
+    n_examples, feature_dims = inputs.shape[0], (1,) * inputs.dim()
+
+    difference = (inputs - baselines).detach()  # (B, ...)
+    # Points on the straight paths, step-major: rows k*B .. k*B+B-1 are step k.
+    path = baselines.detach() + alphas.view(n_steps, *feature_dims) * difference  # (n, B, ...)
+    path = path.flatten(0, 1).requires_grad_(True)  # (n * B, ...)
+    with torch.enable_grad():
+        explained = _select(forward_func(path), target, n_examples, n_steps)  # (n * B,)
+        # Rows do not interact, so the gradient of the sum holds every row's own gradient.
+        gradients = (torch.autograd.grad(explained.sum(), path, allow_unused=True)[0]
+                     if explained.requires_grad else None)
+    if gradients is None:  # forward_func ignores its input
+        gradients = torch.zeros_like(path)
+    gradients = gradients.view(n_steps, *inputs.shape)  # (n, B, ...)
+    average_gradient = (weights.view(n_steps, *feature_dims) * gradients).sum(0)  # (B, ...)
+    attributions = difference * average_gradient
+    if not return_convergence_delta:
+        return attributions
+    with torch.no_grad():
+        at_inputs = _select(forward_func(inputs), target, n_examples, 1)
+        start = baselines.expand_as(inputs).contiguous()
+        at_baselines = _select(forward_func(start), target, n_examples, 1)
+    delta = attributions.flatten(1).sum(1) - (at_inputs - at_baselines)
+    return attributions, delta
+
+
+def forward_from_layer(forward_func: Callable[[Tensor], Tensor], layer: nn.Module,
+                       inputs: Tensor) -> Callable[[Tensor], Tensor]:
+    r"""``forward_func(inputs)`` as a function of the output of ``layer``.
+
+    Returns :math:`g` with :math:`g(h)` = ``forward_func(inputs)`` computed with the output
+    of ``layer`` replaced by :math:`h` (a forward hook, removed afterwards). Then
+    ``integrated_gradients(g, layer(inputs), layer(baseline_inputs), ...)`` attributes the
+    output to the layer's activations -- for a token embedding, to each token's embedding
+    vector -- which is what Captum's ``LayerIntegratedGradients`` does. :math:`h` may have
+    :math:`k B` rows for ``inputs`` of :math:`B` rows (the :math:`k` steps of IG's paths,
+    step-major); ``inputs`` are repeated :math:`k` times to match. Book: chapter 6, text.
+    """
+    _check_forward_func(forward_func)
+    if not isinstance(layer, nn.Module):
+        raise TypeError(f"layer must be an nn.Module, got {type(layer).__name__}")
+    inputs = _check_batch(inputs, floating=False)
+
+    def forward(layer_output: Tensor) -> Tensor:
+        repeats, rest = divmod(layer_output.shape[0], inputs.shape[0])
+        if rest or repeats == 0:
+            raise ValueError(f"the layer output has {layer_output.shape[0]} rows, not a "
+                             f"multiple of the {inputs.shape[0]} rows of inputs")
+        handle = layer.register_forward_hook(lambda module, args, output: layer_output)
+        try:
+            return forward_func(inputs.repeat(repeats, *[1] * (inputs.dim() - 1)))
+        finally:
+            handle.remove()
+
+    return forward
+
+
+# --------------------------------------------------------------------------- Shapley values
+
+
+def shapley_values(forward_func: Callable[[Tensor], Tensor], inputs: Tensor, baselines=None,
+                   target=None, *, feature_mask: Tensor, max_groups: int = 16) -> Tensor:
+    r"""Exact Shapley values of the feature groups in ``feature_mask``.
+
+    The features of each example are split into :math:`M` groups (``feature_mask`` holds a
+    group id ``0 .. M-1`` per feature, shared by every example). A coalition :math:`S` of
+    groups keeps their features from the input and takes the others from the baseline;
+    :math:`v(S)` is the explained output on that mixture. The Shapley value of group
+    :math:`i` is its average marginal contribution over all orders of arrival:
+
+    .. math::
+
+        \phi_i = \sum_{S \subseteq M \setminus \{i\}}
+            \frac{|S|!\,(M - |S| - 1)!}{M!}\, \bigl(v(S \cup \{i\}) - v(S)\bigr),
+
+    and the :math:`\phi_i` add up to :math:`v(M) - v(\varnothing) = F(x) - F(x')`. All
+    :math:`2^M` coalitions go through ``forward_func`` in one batch of :math:`2^M B` rows,
+    hence ``max_groups``. KernelSHAP and LIME estimate such values from samples of
+    coalitions :cite:p:`lundberg2017unified,ribeiro2016why`. Book: chapter 6, "Where LIME
+    and SHAP fit".
+
+    Returns a tensor shaped like ``inputs`` in which every feature carries the value of its
+    group (Captum's convention for ``feature_mask``).
+    """
+    _check_forward_func(forward_func)
+    inputs = _check_batch(inputs)
+    baselines = _as_baselines(inputs, baselines)
+    if not isinstance(feature_mask, Tensor) or feature_mask.is_floating_point():
+        raise TypeError("feature_mask must be an integer tensor of group ids")
+    if tuple(feature_mask.shape) != tuple(inputs.shape[1:]):
+        raise ValueError(f"feature_mask must have the shape of one example, "
+                         f"{tuple(inputs.shape[1:])}, got {tuple(feature_mask.shape)}")
+    groups = feature_mask.flatten().to(inputs.device).long()  # (D,)
+    n_groups = int(groups.max()) + 1
+    if int(groups.min()) != 0 or torch.unique(groups).numel() != n_groups:
+        raise ValueError(f"feature_mask must use every group id 0 .. M-1, got ids "
+                         f"{torch.unique(groups).tolist()}")
+    if n_groups > max_groups:
+        raise ValueError(f"feature_mask has {n_groups} groups; exact Shapley values need "
+                         f"2**{n_groups} forward rows per example (max_groups={max_groups})")
+
+    n_examples, n_coalitions = inputs.shape[0], 2 ** n_groups
+    ids = torch.arange(n_coalitions, device=inputs.device)  # coalition S as a bit set
+    bits = 1 << torch.arange(n_groups, device=inputs.device)  # (M,)
+    members = (ids[:, None] & bits) != 0  # (2^M, M): is group i in S?
+    keep = members[:, groups]  # (2^M, D): is feature j taken from the input?
+    x, b = inputs.flatten(1), baselines.expand_as(inputs).flatten(1)  # (B, D)
+    with torch.no_grad():
+        mixtures = torch.where(keep[:, None, :], x, b)  # (2^M, B, D)
+        rows = mixtures.reshape(n_coalitions * n_examples, *inputs.shape[1:])
+        value = _select(forward_func(rows), target, n_examples, n_coalitions)
+    value = value.view(n_coalitions, n_examples)  # v(S) for every S and example
+    # |S|! (M - |S| - 1)! / M! = 1 / (M * binom(M - 1, |S|)), for |S| = 0 .. M-1
+    weight_of_size = torch.tensor([1.0 / (n_groups * math.comb(n_groups - 1, s))
+                                   for s in range(n_groups)] + [0.0],
+                                  dtype=value.dtype, device=value.device)
+    weight = weight_of_size[members.sum(1)]  # (2^M,)
+    phi = torch.empty(n_examples, n_groups, dtype=value.dtype, device=value.device)
+    for i in range(n_groups):  # one vectorised sum over all 2^(M-1) coalitions per group
+        without_i = ids[~members[:, i]]  # S with i not in S
+        gain = value[without_i | bits[i]] - value[without_i]  # (2^(M-1), B)
+        phi[:, i] = weight[without_i] @ gain
+    return phi[:, groups].view_as(inputs)
+
+
+# --------------------------------------------------------------------------- deletion / insertion
+
+
+@dataclass(frozen=True)
+class PerturbationCurve:
+    """The explained output as features are deleted or inserted in attribution order.
+
+    ``fractions`` is ``(K,)``: the fraction of features perturbed at each point;
+    ``scores`` is ``(B, K)``: the explained output of each example at each point.
+    """
+
+    mode: str
+    fractions: Tensor
+    scores: Tensor
+
+    def area(self) -> Tensor:
+        """Area under each example's curve, ``(B,)`` (trapezoid rule over ``fractions``).
+
+        Deletion: a smaller area means the attribution found the features that matter.
+        Insertion: a larger area does.
+        """
+        return torch.trapezoid(self.scores, self.fractions, dim=-1)
+
+
+def perturbation_curve(forward_func: Callable[[Tensor], Tensor], inputs: Tensor,
+                       attributions: Tensor, target=None, *, baselines=None,
+                       mode: str = "deletion", n_points: int | None = None) -> PerturbationCurve:
+    r"""Deletion or insertion curve of ``attributions`` :cite:p:`petsiuk2018rise`.
+
+    Features are ranked by attribution, largest first (ties in feature order). The
+    *deletion* curve replaces the top :math:`k` features of each input by the baseline and
+    records the explained output, for :math:`k = 0 \dots D`; the *insertion* curve starts
+    from the baseline and puts the top :math:`k` features back. If the attribution is
+    right, the deletion curve falls faster -- and the insertion curve rises faster -- than
+    for a random ranking. All points go through ``forward_func`` as one batch of
+    :math:`K B` rows. Book: chapter 6, "Are the explanations right?".
+
+    Parameters
+    ----------
+    inputs:
+        ``(B, ...)``; may be integer (token ids), in which case ``baselines`` holds ids too.
+    attributions:
+        Floating tensor of the shape of ``inputs``; pass a random tensor for the random
+        ranking that every curve should beat.
+    n_points:
+        Number of points :math:`K`, evenly spaced in :math:`k`; default: every
+        :math:`k = 0 \dots D`.
+    """
+    _check_forward_func(forward_func)
+    inputs = _check_batch(inputs, floating=False)
+    attributions = _check_batch(attributions, "attributions").to(inputs.device)
+    if attributions.shape != inputs.shape:
+        raise ValueError(f"attributions must have the shape of inputs, {tuple(inputs.shape)}, "
+                         f"got {tuple(attributions.shape)}")
+    if mode not in ("deletion", "insertion"):
+        raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
+    baselines = _as_baselines(inputs, baselines)
+    n_examples, n_features = inputs.shape[0], inputs[0].numel()
+    if n_points is None:
+        counts = torch.arange(n_features + 1, device=inputs.device)
+    elif isinstance(n_points, int) and 2 <= n_points:
+        counts = torch.linspace(0, n_features, n_points, device=inputs.device).round().long()
+    else:
+        raise ValueError(f"n_points must be None or an int >= 2, got {n_points!r}")
+
+    order = torch.argsort(attributions.flatten(1), dim=1, descending=True, stable=True)  # (B, D)
+    rank = torch.empty_like(order)  # rank[b, j] = position of feature j in the ranking
+    rank.scatter_(1, order, torch.arange(n_features, device=order.device).expand_as(order))
+    top_k = rank[None] < counts[:, None, None]  # (K, B, D): among the first k features?
+    x, b = inputs.flatten(1), baselines.expand_as(inputs).flatten(1)
+    with torch.no_grad():
+        perturbed = torch.where(top_k, b, x) if mode == "deletion" else torch.where(top_k, x, b)
+        rows = perturbed.reshape(len(counts) * n_examples, *inputs.shape[1:])
+        scores = _select(forward_func(rows), target, n_examples, len(counts))
+    scores = scores.view(len(counts), n_examples).T  # (B, K)
+    return PerturbationCurve(mode, counts.to(scores.dtype) / n_features, scores)
+
+
+# --------------------------------------------------------------------------- randomisation check
+
+
+def _average_ranks(values: Tensor) -> Tensor:
+    """Ranks 1..D of each row, ties sharing their average rank (as ``scipy.stats.rankdata``)."""
+    values = values.contiguous()
+    ordered = values.sort(dim=1).values
+    below = torch.searchsorted(ordered, values, right=False)  # how many are smaller
+    up_to = torch.searchsorted(ordered, values, right=True)  # how many are smaller or equal
+    return (below + up_to + 1).to(torch.float64) / 2
+
+
+def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
+    r"""Spearman's rank correlation between ``a[i]`` and ``b[i]`` for every example ``i``.
+
+    The Pearson correlation of the ranks, ties given their average rank (as
+    ``scipy.stats.spearmanr``); a constant row gives ``nan``. ``a`` and ``b`` have shape
+    ``(B, ...)``; the result is ``(B,)`` in float64. Used to compare attributions of a
+    trained and a randomised model :cite:p:`adebayo2018sanity` (chapter 6).
+    """
+    a, b = _check_batch(a, "a", floating=False), _check_batch(b, "b", floating=False)
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    ra, rb = _average_ranks(a.flatten(1)), _average_ranks(b.flatten(1))
+    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
+    return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))
+
+
+def randomizable_layers(model: nn.Module) -> list[str]:
+    """Names of the submodules that own parameters and can ``reset_parameters()``, in order."""
+    return [name for name, module in model.named_modules()
+            if callable(getattr(module, "reset_parameters", None))
+            and next(module.parameters(recurse=False), None) is not None]
+
+
+def cascading_randomization(model: nn.Module, seed: int = 0) -> list[tuple[str, nn.Module]]:
+    """Copies of ``model`` with more and more layers re-initialised, from the top down.
+
+    The model-randomisation test of :cite:t:`adebayo2018sanity`: the :math:`k`-th copy has
+    its last :math:`k` layers (in :func:`randomizable_layers` order, which for a
+    ``nn.Sequential`` is input to output) reset to fresh random weights, the rest trained.
+    An attribution method that explains the *model* must give different attributions
+    for the copies. Returns ``[(name of the last layer reset, copy), ...]``; the model
+    itself is untouched. Layer :math:`k` is re-drawn with seed ``seed + k`` in every copy,
+    so that the copies are nested.
+    """
+    layers = randomizable_layers(model)
+    if not layers:
+        raise ValueError("model has no layer with parameters and reset_parameters()")
+    copies, current = [], model
+    for k, name in enumerate(reversed(layers)):
+        current = copy.deepcopy(current)
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+            torch.manual_seed(seed + k)
+            current.get_submodule(name).reset_parameters()
+        copies.append((name, current))
+    return copies
+
+
+# --------------------------------------------------------------------------- attention rollout
+
+
+def attention_rollout(attention_maps: Sequence[Tensor], residual_weight: float = 0.5) -> Tensor:
+    r"""Attention rollout :cite:p:`abnar2020quantifying`: attention composed across layers.
+
+    Each layer's attention, averaged over heads, is mixed with the identity for the
+    residual connection, :math:`\hat A_l = w I + (1 - w) \bar A_l` (rows renormalised), and
+    the layers are multiplied: :math:`R = \hat A_L \hat A_{L-1} \cdots \hat A_1`.
+    :math:`R_{tj}` is how much of position :math:`t`'s top-layer representation "flows"
+    from input position :math:`j`, *if* mixing were linear -- it is not, which is one reason
+    attention is not explanation (book: chapter 6, text).
+
+    Parameters
+    ----------
+    attention_maps:
+        One ``(B, n_head, T, T)`` tensor per layer, bottom layer first, rows summing to one.
+    residual_weight:
+        :math:`w \in [0, 1]`; 0.5 as in the paper.
+
+    Returns
+    -------
+    ``(B, T, T)`` tensor whose rows sum to one.
+    """
+    if isinstance(attention_maps, Tensor) or not isinstance(attention_maps, Sequence) \
+            or len(attention_maps) == 0:
+        raise TypeError("attention_maps must be a non-empty list of (B, n_head, T, T) tensors")
+    shape = attention_maps[0].shape if isinstance(attention_maps[0], Tensor) else None
+    for layer, maps in enumerate(attention_maps):
+        if not isinstance(maps, Tensor) or maps.dim() != 4 or maps.shape != shape \
+                or maps.shape[-1] != maps.shape[-2]:
+            raise ValueError(f"attention_maps[{layer}] must be a (B, n_head, T, T) tensor shaped "
+                             f"like attention_maps[0], got "
+                             f"{tuple(maps.shape) if isinstance(maps, Tensor) else type(maps)}")
+    if not 0.0 <= residual_weight <= 1.0:
+        raise ValueError(f"residual_weight must be in [0, 1], got {residual_weight}")
+    eye = torch.eye(shape[-1], dtype=attention_maps[0].dtype, device=attention_maps[0].device)
+    rollout = None
+    for maps in attention_maps:
+        mixed = residual_weight * eye + (1 - residual_weight) * maps.mean(1)  # (B, T, T)
+        mixed = mixed / mixed.sum(-1, keepdim=True)
+        rollout = mixed if rollout is None else mixed @ rollout
+    return rollout
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def show_image_attributions(images: Tensor, attributions: Mapping[str, Tensor], *, title: str,
+                            row_labels: Sequence[str] | None = None,
+                            image_shape: tuple[int, int] | None = None):
+    """A grid: one row per image, the image first, then one column per attribution method.
+
+    Each attribution panel is divided by its own largest absolute value, so that every
+    panel spans the shared colour bar ("scaled attribution") from -1 (blue: evidence
+    against the target) to +1 (red: evidence for it); the methods' raw units differ.
+    ``images`` is ``(N, ...)``, reshaped to ``image_shape`` (default: the last two
+    dimensions); ``attributions`` maps a method name to a tensor shaped like ``images``.
+    Returns the figure.
+    """
+    images = _check_batch(images, "images")
+    if not attributions:
+        raise ValueError("attributions must name at least one method")
+    for name, values in attributions.items():
+        if tuple(values.shape) != tuple(images.shape):
+            raise ValueError(f"attributions[{name!r}] must have the shape of images, "
+                             f"{tuple(images.shape)}, got {tuple(values.shape)}")
+    shape = tuple(image_shape or images.shape[-2:])
+    n_rows, n_cols = images.shape[0], 1 + len(attributions)
+    fig, axes = subplots(n_rows, n_cols, title=title, squeeze=False,
+                         figsize=(1.45 * n_cols + 1.0, 1.45 * n_rows + 0.7))
+    columns = [("input", images, "gray_r")] + [(k, v, DIVERGING_CMAP)
+                                                 for k, v in attributions.items()]
+    for col, (name, values, cmap) in enumerate(columns):
+        values = values.detach().to("cpu", torch.float64).numpy()
+        for row in range(n_rows):
+            ax, panel = axes[row, col], values[row].reshape(shape)
+            if col == 0:
+                ax.imshow(panel, cmap=cmap, vmin=0.0, vmax=max(panel.max(), 1e-12))
+                ax.set_ylabel(row_labels[row] if row_labels else f"example {row}")
+            else:
+                scale = max(np.abs(panel).max(), 1e-12)
+                image = ax.imshow(panel / scale, cmap=cmap, vmin=-1.0, vmax=1.0)
+            if row == 0:
+                ax.set_title(name, fontsize=11)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.grid(False)
+    colorbar = fig.colorbar(image, ax=axes, shrink=min(0.8, 0.3 + 0.15 * n_rows), pad=0.02,
+                            aspect=12 + 4 * n_rows)
+    colorbar.set_label("scaled attribution", fontsize=10)
+    colorbar.set_ticks([-1.0, 0.0, 1.0])
+    return fig
+
+
+def _printable(character: str) -> str:
+    return {" ": "\u2423", "\n": "\u21b5", "\t": "\u2192"}.get(character, character)
+
+
+def show_text_attribution(text: str, scores, ax, *, title: str, line_width: int = 32,
+                          cbar_label: str = "attribution"):
+    """Characters of ``text`` on a grid, each cell coloured by its score (red +, blue -).
+
+    ``scores`` has one number per character; the colour scale is symmetric about zero
+    (white). The text wraps every ``line_width`` characters; spaces show as ``\u2423``
+    and newlines as ``\u21b5``. Returns ``ax``.
+    """
+    values = np.asarray(scores.detach().cpu() if hasattr(scores, "detach") else scores,
+                        dtype=np.float64)
+    if values.ndim != 1 or len(values) != len(text):
+        raise ValueError(f"scores must hold one number per character ({len(text)}), got "
+                         f"shape {values.shape}")
+    n_lines = -(-len(text) // line_width)
+    grid = np.full(n_lines * line_width, np.nan)
+    grid[:len(text)] = values
+    limit = max(float(np.abs(values).max()), 1e-12)
+    image = ax.imshow(np.ma.masked_invalid(grid.reshape(n_lines, line_width)),
+                      cmap=DIVERGING_CMAP, vmin=-limit, vmax=limit, aspect="auto")
+    for position, (character, value) in enumerate(zip(text, values)):
+        ax.text(position % line_width, position // line_width, _printable(character),
+                ha="center", va="center", fontsize=10, family="monospace",
+                color="white" if abs(value) > 0.6 * limit else "black")  # legible on dark
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    ax.figure.colorbar(image, ax=ax, pad=0.01).set_label(cbar_label)
+    return label(ax, title, "character (read left to right, top to bottom)", "line")
+
+
+__all__ = [
+    "QUADRATURE_METHODS",
+    "path_quadrature",
+    "integrated_gradients",
+    "forward_from_layer",
+    "shapley_values",
+    "PerturbationCurve",
+    "perturbation_curve",
+    "rank_correlation",
+    "randomizable_layers",
+    "cascading_randomization",
+    "attention_rollout",
+    "show_image_attributions",
+    "show_text_attribution",
+]
