@@ -51,6 +51,10 @@ class TransformerConfig:
     BERT adds token-type embeddings, an embedding LayerNorm and a pooler; LLaMA
     uses RMSNorm, a SwiGLU MLP, no biases, rotary positions (no table) and an
     untied output layer; grouped-query attention sets ``n_kv_head < n_head``.
+
+    ``checkpoint_parameters`` is the exact size of the released weights (as the Hugging
+    Face ``num_parameters()`` of the checkpoint reports it), ``paper_parameters`` the
+    rounded total the paper states; either is ``None`` where it does not exist.
     """
 
     name: str
@@ -69,7 +73,8 @@ class TransformerConfig:
     embedding_norm: bool = False
     final_norm: bool = True
     pooler: bool = False
-    reported_parameters: int | None = None
+    checkpoint_parameters: int | None = None
+    paper_parameters: float | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "n_layer", "d_model", "n_head"):
@@ -135,6 +140,11 @@ class ParameterCount:
         return self.total - self.embeddings - self.head
 
 
+def _check_config(cfg) -> None:
+    if not isinstance(cfg, TransformerConfig):
+        raise TypeError(f"cfg must be a TransformerConfig, got {type(cfg).__name__}")
+
+
 def _norm_parameters(cfg: TransformerConfig) -> int:
     """LayerNorm has a gain and a bias per feature; RMSNorm only a gain."""
     return 2 * cfg.d_model if cfg.norm == "layernorm" else cfg.d_model
@@ -152,6 +162,7 @@ def parameter_count(cfg: TransformerConfig) -> ParameterCount:
 
     For GPT-2 (``d_kv = d``, ``f = 4d``) a block is ``12 d^2 + 13 d``.
     """
+    _check_config(cfg)
     d, f, L = cfg.d_model, cfg.ff_dim, cfg.n_layer
     d_kv = cfg.kv_heads * cfg.head_dim
     b = 1 if cfg.bias else 0
@@ -181,36 +192,38 @@ def rule_of_thumb_parameters(n_layer: int, d_model: int) -> int:
     return 12 * _check_int("n_layer", n_layer) * _check_int("d_model", d_model) ** 2
 
 
-def _gpt2(name, n_layer, d_model, reported):
+def _gpt2(name, n_layer, d_model, checkpoint, paper):
     return TransformerConfig(name, vocab_size=50257, n_layer=n_layer, d_model=d_model,
-                             n_head=d_model // 64, n_positions=1024, reported_parameters=reported)
+                             n_head=d_model // 64, n_positions=1024,
+                             checkpoint_parameters=checkpoint, paper_parameters=paper)
 
 
-def _bert(name, n_layer, d_model, reported):
+def _bert(name, n_layer, d_model, checkpoint, paper):
     return TransformerConfig(name, vocab_size=30522, n_layer=n_layer, d_model=d_model,
                              n_head=d_model // 64, n_positions=512, n_token_types=2,
                              embedding_norm=True, final_norm=False, pooler=True,
-                             reported_parameters=reported)
+                             checkpoint_parameters=checkpoint, paper_parameters=paper)
 
 
-# Published configurations. ``reported_parameters`` is the total that the reference
-# implementation reports (Hugging Face ``num_parameters()``), or the paper's rounded
-# figure where no reference implementation was released (GPT-3).
-GPT2_SMALL = _gpt2("GPT-2 small", 12, 768, 124_439_808)
-GPT2_MEDIUM = _gpt2("GPT-2 medium", 24, 1024, 354_823_168)
-GPT2_LARGE = _gpt2("GPT-2 large", 36, 1280, 774_030_080)
-GPT2_XL = _gpt2("GPT-2 XL", 48, 1600, 1_557_611_200)
-BERT_BASE = _bert("BERT-base", 12, 768, 109_482_240)
-BERT_LARGE = _bert("BERT-large", 24, 1024, 335_141_888)
+# Published configurations, with the exact size of the released weights (Hugging Face's
+# ``num_parameters()`` of each checkpoint) and the rounded size the paper states. GPT-3's
+# weights were never released; the GPT-2 paper's sizes are lower than its own checkpoints'.
+GPT2_SMALL = _gpt2("GPT-2 small", 12, 768, 124_439_808, 117e6)
+GPT2_MEDIUM = _gpt2("GPT-2 medium", 24, 1024, 354_823_168, 345e6)
+GPT2_LARGE = _gpt2("GPT-2 large", 36, 1280, 774_030_080, 762e6)
+GPT2_XL = _gpt2("GPT-2 XL", 48, 1600, 1_557_611_200, 1542e6)
+BERT_BASE = _bert("BERT-base", 12, 768, 109_482_240, 110e6)
+BERT_LARGE = _bert("BERT-large", 24, 1024, 335_141_888, 340e6)
 GPT3_175B = TransformerConfig("GPT-3 175B", vocab_size=50257, n_layer=96, d_model=12288,
-                              n_head=96, n_positions=2048, reported_parameters=175_000_000_000)
+                              n_head=96, n_positions=2048, paper_parameters=175.0e9)
 LLAMA_7B = TransformerConfig("LLaMA-7B", vocab_size=32000, n_layer=32, d_model=4096, n_head=32,
                              d_ff=11008, mlp="swiglu", norm="rmsnorm", bias=False,
-                             tied_embeddings=False, reported_parameters=6_738_415_616)
+                             tied_embeddings=False, checkpoint_parameters=6_738_415_616,
+                             paper_parameters=6.7e9)
 LLAMA2_70B = TransformerConfig("Llama-2-70B", vocab_size=32000, n_layer=80, d_model=8192,
                                n_head=64, n_kv_head=8, d_ff=28672, mlp="swiglu", norm="rmsnorm",
                                bias=False, tied_embeddings=False,
-                               reported_parameters=68_976_648_192)
+                               checkpoint_parameters=68_976_648_192, paper_parameters=70e9)
 
 PUBLISHED_CONFIGS = (GPT2_SMALL, GPT2_MEDIUM, GPT2_LARGE, GPT2_XL, BERT_BASE, BERT_LARGE,
                      GPT3_175B, LLAMA_7B, LLAMA2_70B)
@@ -279,11 +292,12 @@ def forward_flops_per_token(cfg: TransformerConfig, n_ctx: int) -> float:
     """Forward FLOPs per token, ``2 N + 2 L n_ctx d`` :cite:p:`kaplan2020scaling`.
 
     ``N`` is the non-embedding parameter count (one multiply-add per weight).
-    The second term is attention: the scores ``Q K^T`` and the weighted sum
-    ``A V`` each take ``n_ctx * d`` multiply-adds per token and layer when every
-    position sees the whole context (``4 L n_ctx d`` FLOPs); a causal model sees
-    on average half of it, which gives Kaplan et al.'s ``2 L n_ctx d``.
+    The second term is attention, which Kaplan et al. list as ``2 L n_ctx d``. One way
+    to read it: the scores ``Q K^T`` and the weighted sum ``A V`` each take
+    ``n_ctx * d`` multiply-adds per token and layer when every position sees the whole
+    context (``4 L n_ctx d`` FLOPs), and a causal position sees on average half of it.
     """
+    _check_config(cfg)
     _check_int("n_ctx", n_ctx)
     return 2.0 * parameter_count(cfg).non_embedding + 2.0 * cfg.n_layer * n_ctx * cfg.d_model
 
@@ -310,8 +324,8 @@ def training_time_seconds(flops, peak_flops_per_second, utilization, n_devices=1
     """Wall-clock time ``T = C / (n_devices * peak * utilization)``.
 
     ``utilization`` is the model FLOPs utilisation (MFU): the fraction of the
-    accelerators' peak that the training run turns into model FLOPs; 0.3 to
-    0.6 is typical of large runs.
+    accelerators' peak that the training run turns into model FLOPs
+    :cite:p:`chowdhery2022palm`; well-tuned large runs reach about 0.4 to 0.55.
     """
     _check_number("flops", flops)
     _check_number("peak_flops_per_second", peak_flops_per_second)
@@ -416,6 +430,7 @@ def activation_memory_per_layer(seq_len: int, batch_size: int, d_model: int, n_h
 def kv_cache_bytes(cfg: TransformerConfig, seq_len: int, batch_size: int = 1,
                    dtype: str = "fp16") -> float:
     """Bytes of the key/value cache that generation keeps: ``2 L b s d_kv`` values."""
+    _check_config(cfg)
     s, b = _check_int("seq_len", seq_len), _check_int("batch_size", batch_size)
     if dtype not in BYTES_PER_VALUE:
         raise ValueError(f"dtype must be one of {sorted(BYTES_PER_VALUE)}, got {dtype!r}")

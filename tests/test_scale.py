@@ -101,15 +101,36 @@ def test_parameter_count_equals_torch_nn(cfg):
     assert scale.parameter_count(cfg).total == torch_parameter_count(cfg)
 
 
-@pytest.mark.parametrize("cfg", [c for c in scale.PUBLISHED_CONFIGS if c.name != "GPT-3 175B"],
+@pytest.mark.parametrize("cfg", [c for c in scale.PUBLISHED_CONFIGS if c.checkpoint_parameters],
                          ids=lambda c: c.name)
-def test_parameter_count_equals_reported_total(cfg):
-    assert scale.parameter_count(cfg).total == cfg.reported_parameters
+def test_parameter_count_equals_released_checkpoint(cfg):
+    assert scale.parameter_count(cfg).total == cfg.checkpoint_parameters
 
 
 def test_gpt3_within_rounding_of_the_paper():
+    assert scale.GPT3_175B.checkpoint_parameters is None  # never released
     counted = scale.parameter_count(scale.GPT3_175B).total
-    assert abs(counted / 175e9 - 1) < 0.003  # the paper reports "175.0B"
+    assert abs(counted / scale.GPT3_175B.paper_parameters - 1) < 0.003  # "175.0B"
+
+
+def test_papers_state_rounded_sizes():
+    gpt2 = (scale.GPT2_SMALL, scale.GPT2_MEDIUM, scale.GPT2_LARGE, scale.GPT2_XL)
+    for cfg in scale.PUBLISHED_CONFIGS:
+        ratio = scale.parameter_count(cfg).total / cfg.paper_parameters
+        if cfg in gpt2:  # the GPT-2 paper's sizes are below its released checkpoints'
+            assert 1.01 < ratio < 1.07, cfg.name
+        else:
+            assert abs(ratio - 1) < 0.02, cfg.name
+
+
+@pytest.mark.parametrize("call", [
+    lambda: scale.parameter_count("GPT-2"),
+    lambda: scale.kv_cache_bytes({"n_layer": 2}, 10),
+    lambda: scale.forward_flops_per_token(None, 10),
+])
+def test_config_must_be_a_transformer_config(call):
+    with pytest.raises(TypeError, match="cfg must be a TransformerConfig"):
+        call()
 
 
 def test_gpt_block_is_12d2_plus_13d():
