@@ -22,6 +22,7 @@ and with central finite differences.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -53,6 +54,22 @@ def _check_input(x, name: str, features: int | None, like: torch.Tensor | None) 
     if like is not None and (x.dtype != like.dtype or x.device != like.device):
         raise TypeError(f"{name} is {x.dtype} on {x.device}, expected {like.dtype} on "
                         f"{like.device} (the parameters' or the prediction's); use .to()")
+
+
+def _real(name: str, value) -> float:
+    """``value`` as a float: ``TypeError`` unless it is a real number (bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _int_at_least(name: str, value, low: int) -> int:
+    """``value`` as an int: ``TypeError`` for another type, ``ValueError`` if below ``low``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
 
 
 class Layer(nn.Module):
@@ -89,9 +106,11 @@ class Layer(nn.Module):
 
 
 def _fans(weight: torch.Tensor) -> tuple[int, int]:
-    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-        raise ValueError("weight must be a 2-D tensor of shape (fan_out, fan_in), got "
-                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else weight}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.ndim != 2:
+        raise ValueError("weight must be a 2-D tensor of shape (fan_out, fan_in), got shape "
+                         f"{tuple(weight.shape)}")
     fan_out, fan_in = weight.shape
     return fan_in, fan_out
 
@@ -152,9 +171,8 @@ class Linear(Layer):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  device=None, dtype=None):
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        in_features = _int_at_least("in_features", in_features, 1)
+        out_features = _int_at_least("out_features", out_features, 1)
         self.in_features, self.out_features = in_features, out_features
         bound = 1.0 / math.sqrt(in_features)
         weight = torch.empty(out_features, in_features, device=device, dtype=dtype)
@@ -240,16 +258,22 @@ class Sigmoid(Layer):
 
 
 class Dropout(Layer):
-    r"""Inverted dropout :cite:p:`srivastava2014dropout`: in training mode
+    r"""Dropout :cite:p:`srivastava2014dropout` in its "inverted" form: in training mode
     :math:`y = x \odot m / (1 - p)` with :math:`m_i \sim \text{Bernoulli}(1 - p)`,
     so that :math:`\mathbb E[y] = x`; in eval mode :math:`y = x`.
+
+    The paper trains with the plain mask, :math:`y = x \odot m`, and instead multiplies
+    the outgoing weights by :math:`1 - p` at test time. Scaling the survivors by
+    :math:`1/(1-p)` during training gives the same expected activations and leaves the
+    test-time network untouched; it is the form modern frameworks (``torch.nn.Dropout``)
+    implement.
 
     The mask is drawn from PyTorch's global generator (``torch.manual_seed`` fixes it).
     """
 
     def __init__(self, p: float = 0.5):
         super().__init__()
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        if not 0.0 <= _real("p", p) < 1.0:  # also rejects NaN
             raise ValueError(f"p must be a probability in [0, 1), got {p!r}")
         self.p = float(p)
 
@@ -287,11 +311,11 @@ class BatchNorm1d(Layer):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, *,
                  device=None, dtype=None):
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) \
-                or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        if not eps > 0 or not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"need eps > 0 and 0 <= momentum <= 1, got {eps}, {momentum}")
+        num_features = _int_at_least("num_features", num_features, 1)
+        if not _real("eps", eps) > 0:
+            raise ValueError(f"eps must be > 0, got {eps!r}")
+        if not 0.0 <= _real("momentum", momentum) <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         kw = dict(device=device, dtype=dtype)
         self.weight = _parameter(torch.ones(num_features, **kw))      # gamma
@@ -424,6 +448,9 @@ def _target_distribution(target, logits: torch.Tensor) -> torch.Tensor:
     """Class indices (B,) as one-hot rows, or probability rows (B, C) as they are."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.device != logits.device:
+        raise TypeError(f"target is on {target.device}, expected {logits.device} (the "
+                        "logits'); use .to()")
     batch, classes = logits.shape
     if target.is_floating_point():
         if target.shape != logits.shape:
@@ -556,9 +583,8 @@ def train_sgd(model: Sequential, X: torch.Tensor, y: torch.Tensor, *, epochs: in
         if X_val is None or y_val is None:
             raise ValueError("give both X_val and y_val, or neither")
         _check_xy(X_val, y_val, "X_val", "y_val")
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    _int_at_least("epochs", epochs, 1)
+    _int_at_least("batch_size", batch_size, 1)
     loss_fn = SoftmaxCrossEntropy()
     history = History()
     for _ in range(epochs):

@@ -27,7 +27,6 @@ Contents, in the order of the chapter:
 from __future__ import annotations
 
 import math
-import numbers
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
+
+from companion.backprop import _int_at_least, _real
 
 # =========================================================================== test problems
 
@@ -81,8 +82,7 @@ def trajectory(objective: Callable[[torch.Tensor], torch.Tensor], start: Sequenc
     torch.Tensor
         ``(steps + 1, len(start))``: the starting point and the point after each step.
     """
-    if not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    _int_at_least("steps", steps, 0)
     point = torch.tensor(start, dtype=torch.float64, requires_grad=True)
     optimizer = optimizer_cls([point], **hyperparameters)
     path = [point.detach().clone()]
@@ -99,24 +99,41 @@ def trajectory(objective: Callable[[torch.Tensor], torch.Tensor], start: Sequenc
 
 def per_example_gradients(model: nn.Module, X: torch.Tensor, y: torch.Tensor,
                           loss_fn=F.cross_entropy) -> torch.Tensor:
-    """The gradient of the loss of each example, flattened: shape ``(N, n_parameters)``.
+    """The gradient of the loss of each example, flattened: shape ``(N, n_trainable)``.
 
     Row ``i`` is the gradient of ``loss_fn(model(X[i:i+1]), y[i:i+1])`` with respect to
-    all parameters, concatenated in ``model.parameters()`` order; their mean over the rows
-    is the full-batch gradient. Computed in one vectorised pass with ``torch.func``, so
-    the model must treat examples independently (no BatchNorm in training mode).
+    the parameters that require gradients -- those an optimizer would update; frozen ones
+    (``requires_grad=False``) are held fixed and get no columns -- concatenated in
+    ``model.parameters()`` order; their mean over the rows is the full-batch gradient.
+    Computed in one vectorised pass with ``torch.func``, so the model must treat examples
+    independently and deterministically: a BatchNorm or dropout module in training mode
+    raises ``ValueError`` (call ``model.eval()`` first; a random operation inside
+    ``forward`` makes ``vmap`` raise its own error).
     Book: section "Gradient noise and the batch size".
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(X, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise TypeError(f"X and y must be tensors, got {type(X).__name__}, {type(y).__name__}")
     if len(X) != len(y):
         raise ValueError(f"X has {len(X)} rows but y has {len(y)}")
-    params = {name: p.detach() for name, p in model.named_parameters()}
+    per_batch = [f"{name or 'model'} ({type(m).__name__})" for name, m in model.named_modules()
+                 if m.training and isinstance(m, (nn.modules.batchnorm._BatchNorm,
+                                                  nn.modules.dropout._DropoutNd))]
+    if per_batch:
+        raise ValueError(f"per-example gradients need a deterministic model that treats "
+                         f"examples independently, but {', '.join(per_batch)} is in "
+                         f"training mode; call model.eval()")
+    trainable = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    frozen = {name: p.detach() for name, p in model.named_parameters()
+              if not p.requires_grad}
+    if not trainable:
+        raise ValueError("model has no parameter that requires gradients")
 
     def loss_of_one(p, x, target):
-        return loss_fn(functional_call(model, p, (x[None],)), target[None])
+        return loss_fn(functional_call(model, {**p, **frozen}, (x[None],)), target[None])
 
-    grads = vmap(grad(loss_of_one), in_dims=(None, 0, 0))(params, X, y)  # name -> (N, *shape)
+    grads = vmap(grad(loss_of_one), in_dims=(None, 0, 0))(trainable, X, y)  # name -> (N, ...)
     return torch.cat([g.reshape(len(X), -1) for g in grads.values()], dim=1)
 
 
@@ -125,7 +142,8 @@ def _check_batch_size(per_example_grads: torch.Tensor, batch_size: int) -> int:
         raise ValueError(f"per_example_grads must be 2-D (N, P), got shape "
                          f"{tuple(per_example_grads.shape)}")
     n = len(per_example_grads)
-    if not isinstance(batch_size, int) or not 1 <= batch_size <= n:
+    _int_at_least("batch_size", batch_size, 1)
+    if not batch_size <= n:
         raise ValueError(f"batch_size must be an int in [1, {n}], got {batch_size!r}")
     return n
 
@@ -160,8 +178,7 @@ def sampled_minibatch_gradient_variance(per_example_grads: torch.Tensor, batch_s
     full-batch gradient. Compare with :func:`minibatch_gradient_variance`.
     """
     n = _check_batch_size(per_example_grads, batch_size)
-    if not isinstance(draws, int) or draws < 1:
-        raise ValueError(f"draws must be a positive int, got {draws!r}")
+    _int_at_least("draws", draws, 1)
     g = per_example_grads
     order = torch.rand(draws, n, generator=generator).argsort(dim=1).to(g.device)  # (draws, N)
     weights = torch.zeros(draws, n, dtype=g.dtype, device=g.device)
@@ -171,12 +188,6 @@ def sampled_minibatch_gradient_variance(per_example_grads: torch.Tensor, batch_s
 
 
 # =========================================================================== validation
-
-
-def _real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    return float(value)
 
 
 def _at_least_zero(name: str, value) -> None:
@@ -292,10 +303,15 @@ class SGD(Optimizer):
         \theta_t &\leftarrow \theta_{t-1} - \gamma\, g_t
 
     With ``momentum=0`` this is plain (mini-batch) SGD :cite:p:`robbins1951stochastic`;
-    with momentum it is Polyak's heavy ball :cite:p:`polyak1964some` in the form of
-    :cite:t:`sutskever2013importance`; ``nesterov=True`` is their reformulation of
-    Nesterov's method :cite:p:`nesterov1983method`. The momentum buffer is kept in
-    ``state[p]["momentum_buffer"]``. Book: chapter 3, "Momentum and Nesterov".
+    with momentum it is Polyak's heavy ball :cite:p:`polyak1964some` in PyTorch's variant
+    of the form of :cite:t:`sutskever2013importance`, and ``nesterov=True`` is that
+    variant of their reformulation of Nesterov's method :cite:p:`nesterov1983method`.
+    The variant keeps the learning rate outside the buffer (Sutskever et al. write
+    :math:`v_t = \mu v_{t-1} - \gamma g_t`, :math:`\theta_t = \theta_{t-1} + v_t`): the
+    same method while :math:`\gamma` is constant, not when a schedule changes it. And it
+    starts the buffer at :math:`b_1 = g_1` rather than from zero, which differs only with
+    dampening. The momentum buffer is kept in ``state[p]["momentum_buffer"]``.
+    Book: chapter 3, "Momentum and Nesterov".
 
     Parameters
     ----------
@@ -540,9 +556,7 @@ class WarmupCosine:
 
     def __post_init__(self):
         for name in ("warmup_steps", "total_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+            _int_at_least(name, getattr(self, name), 0)
         if self.total_steps <= self.warmup_steps:
             raise ValueError(f"total_steps must be > warmup_steps={self.warmup_steps}, "
                              f"got {self.total_steps}")

@@ -350,6 +350,69 @@ def test_numerical_gradient_of_a_known_function():
     torch.testing.assert_close(grad, 3 * x ** 2, rtol=0, atol=1e-8)
 
 
+def test_numerical_gradient_of_a_non_contiguous_input():
+    x = torch.randn(3, 4, dtype=DTYPE, generator=torch.Generator().manual_seed(0)).T
+    assert not x.is_contiguous()
+    weights = torch.arange(12, dtype=DTYPE).view(4, 3)    # a different slope per element
+    grad = gradcheck.numerical_gradient(lambda v: (weights * v ** 2).sum(), x)
+    assert grad.shape == x.shape
+    torch.testing.assert_close(grad, 2 * weights * x, rtol=0, atol=1e-8)
+    assert not x.is_contiguous()                            # the caller's tensor is untouched
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(eps=0.0), ValueError, "eps must be > 0"),
+    (dict(eps=-1e-6), ValueError, "eps must be > 0"),
+    (dict(eps=float("nan")), ValueError, "eps must be > 0"),
+    (dict(eps="1e-6"), TypeError, "eps must be a real number"),
+    (dict(f=lambda v: v ** 2), ValueError, r"scalar, got a tensor of shape \(2, 2\)"),
+    (dict(f=lambda v: "loss"), TypeError, "scalar tensor or a real number"),
+    (dict(x=torch.ones(2, 2, dtype=torch.long)), TypeError, "floating-point"),
+])
+def test_numerical_gradient_bad_input(kw, error, match):
+    args = dict(f=lambda v: v.sum(), x=torch.ones(2, 2, dtype=DTYPE)) | kw
+    with pytest.raises(error, match=match):
+        gradcheck.numerical_gradient(**args)
+
+
+def test_numerical_gradient_accepts_one_element_tensors_and_numbers():
+    x = torch.tensor([0.5, -1.5], dtype=DTYPE)
+    for f in (lambda v: v.square().sum().reshape(1, 1), lambda v: v.square().sum().item()):
+        torch.testing.assert_close(gradcheck.numerical_gradient(f, x), 2 * x, rtol=0,
+                                   atol=1e-8)
+
+
+class _ForgetsTheBias(bp.Linear):
+    """A plausible bug: the backward pass never writes the bias gradient."""
+
+    def backward(self, grad_output):
+        grad_x = super().backward(grad_output)
+        self.bias.grad = None
+        return grad_x
+
+
+class _UnusedParameter(bp.Tanh):
+    """A layer with a parameter its output does not depend on."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.ones(3, dtype=DTYPE), requires_grad=False)
+
+
+def test_check_gradients_treats_a_missing_gradient_as_zero():
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, dtype=DTYPE)
+    layer = _ForgetsTheBias(4, 3, dtype=DTYPE)
+    upstream = torch.randn(5, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
+    result = gradcheck.check_gradients(layer, x, upstream)  # a report, not a TypeError
+    bias_gradient = upstream.sum(0).abs().max().item()     # what the bug leaves out
+    assert result.autograd == pytest.approx(bias_gradient, rel=1e-12)
+    assert result.finite_differences == pytest.approx(bias_gradient, rel=1e-6)
+    # a parameter the loss does not depend on has gradient zero: nothing to report
+    result = gradcheck.check_gradients(_UnusedParameter(), x[:, :3])
+    assert result.autograd < 1e-13 and result.finite_differences < 1e-8
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -376,6 +439,22 @@ def test_numerical_gradient_of_a_known_function():
     (lambda: bp.Linear(3, 2)(torch.randn(4, 3, dtype=DTYPE)), TypeError, "float64"),
     (lambda: bp.Linear(3, 2)([[1.0, 2.0, 3.0]]), TypeError, "torch.Tensor"),
     (lambda: bp.Linear(0, 2), ValueError, "in_features"),
+    (lambda: bp.Linear(3.0, 2), TypeError, "in_features must be an int"),
+    (lambda: bp.Linear(3, True), TypeError, "out_features must be an int"),
+    (lambda: bp.BatchNorm1d(3.0), TypeError, "num_features must be an int"),
+    (lambda: bp.BatchNorm1d(0), ValueError, "num_features must be an int >= 1"),
+    (lambda: bp.BatchNorm1d(3, eps="1e-5"), TypeError, "eps must be a real number"),
+    (lambda: bp.BatchNorm1d(3, eps=0.0), ValueError, "eps must be > 0"),
+    (lambda: bp.BatchNorm1d(3, momentum=None), TypeError, "momentum must be a real"),
+    (lambda: bp.Dropout(True), TypeError, "p must be a real number"),
+    (lambda: bp.Dropout("0.5"), TypeError, "p must be a real number"),
+    (lambda: bp.Dropout(float("nan")), ValueError, r"\[0, 1\)"),
+    (lambda: bp.xavier_normal_([[1.0, 2.0]]), TypeError, "torch.Tensor"),
+    (lambda: bp.SoftmaxCrossEntropy()(torch.randn(4, 3, device="meta"),
+                                      torch.tensor([0, 1, 2, 1])),
+     TypeError, "target is on cpu, expected meta"),
+    (lambda: bp.SoftmaxCrossEntropy()(torch.randn(4, 3, device="meta"), torch.rand(4, 3)),
+     TypeError, "target is on cpu, expected meta"),
     (lambda: bp.Linear(3, 2).backward(torch.randn(4, 2)), RuntimeError, "before forward"),
     (lambda: bp.SoftmaxCrossEntropy().backward(), RuntimeError, "before forward"),
     (lambda: bp.MSELoss().backward(), RuntimeError, "before forward"),
@@ -409,6 +488,8 @@ def test_train_sgd_bad_input():
     X, y = torch.randn(5, 2), torch.zeros(5, dtype=torch.long)
     with pytest.raises(ValueError, match="epochs"):
         bp.train_sgd(mlp, X, y, epochs=0, batch_size=2, lr=0.1)
+    with pytest.raises(TypeError, match="batch_size must be an int"):
+        bp.train_sgd(mlp, X, y, epochs=1, batch_size=2.0, lr=0.1)
     with pytest.raises(TypeError, match="torch.long"):
         bp.train_sgd(mlp, X, y.float(), epochs=1, batch_size=2, lr=0.1)
     with pytest.raises(ValueError, match="X_val and y_val"):

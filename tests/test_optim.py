@@ -447,7 +447,8 @@ def test_schedule_state_dict_round_trip():
 
 @pytest.mark.parametrize("kw, error, match", [
     (dict(warmup_steps=-1, total_steps=10), ValueError, "warmup_steps"),
-    (dict(warmup_steps=2.5, total_steps=10), ValueError, "warmup_steps"),
+    (dict(warmup_steps=2.5, total_steps=10), TypeError, "warmup_steps must be an int"),
+    (dict(warmup_steps=2, total_steps=True), TypeError, "total_steps must be an int"),
     (dict(warmup_steps=10, total_steps=10), ValueError, "total_steps must be > warmup"),
     (dict(warmup_steps=1, total_steps=10, min_lr_ratio=1.5), ValueError, "min_lr_ratio"),
     (dict(warmup_steps=1, total_steps=10, min_lr_ratio="0"), TypeError, "min_lr_ratio"),
@@ -498,6 +499,8 @@ def test_trajectory_of_gradient_descent_is_the_matrix_power():
                        torch.zeros(2, dtype=torch.float64))
     with pytest.raises(ValueError, match="steps"):
         trajectory(quadratic, (1.0, 1.0), SGD, steps=-1)
+    with pytest.raises(TypeError, match="steps must be an int"):
+        trajectory(quadratic, (1.0, 1.0), SGD, steps=10.0)
 
 
 # --------------------------------------------------------------------------- gradient noise
@@ -527,6 +530,41 @@ def test_per_example_gradients_against_autograd_one_by_one(device):
         per_example_gradients(model, X, y[:5])
 
 
+@pytest.mark.parametrize("per_batch_layer", [nn.Dropout(0.5), nn.BatchNorm1d(4)])
+def test_per_example_gradients_refuse_dropout_and_batchnorm_in_training_mode(
+        per_batch_layer, device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), per_batch_layer, nn.ReLU(), nn.Linear(4, 3))
+    model = model.to(device, torch.float64)
+    X = torch.randn(8, 5, dtype=torch.float64, device=device)
+    y = torch.randint(0, 3, (8,), device=device)
+    with pytest.raises(ValueError, match=rf"1 \({type(per_batch_layer).__name__}\) is in "
+                                         r"training mode; call model.eval\(\)"):
+        per_example_gradients(model, X, y)
+    grads = per_example_gradients(model.eval(), X, y)  # deterministic: per-example rows
+    model.zero_grad()
+    F.cross_entropy(model(X[3:4]), y[3:4]).backward()
+    expected = torch.cat([p.grad.flatten() for p in model.parameters()])
+    torch.testing.assert_close(grads[3], expected, rtol=1e-12, atol=1e-14)
+
+
+def test_per_example_gradients_leave_out_frozen_parameters(device):
+    model, X, y = _softmax_regression(device)
+    model.weight.requires_grad_(False)                 # frozen, as for fine-tuning a head
+    grads = per_example_gradients(model, X, y)
+    assert grads.shape == (60, 3)                      # the bias only
+    for i in (0, 31):
+        model.zero_grad()
+        F.cross_entropy(model(X[i:i + 1]), y[i:i + 1]).backward()
+        assert model.weight.grad is None
+        torch.testing.assert_close(grads[i], model.bias.grad, rtol=1e-12, atol=1e-14)
+    model.bias.requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter that requires gradients"):
+        per_example_gradients(model, X, y)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        per_example_gradients(lambda x: x, X, y)
+
+
 def test_minibatch_gradient_variance_formula_and_sampling(device):
     model, X, y = _softmax_regression(device)
     grads = per_example_gradients(model, X, y)
@@ -540,11 +578,15 @@ def test_minibatch_gradient_variance_formula_and_sampling(device):
                                                       generator=generator)
         assert sampled == pytest.approx(exact, rel=0.05)
     assert sampled_minibatch_gradient_variance(grads, 60, draws=3) == pytest.approx(0, abs=1e-24)
-    for bad in (0, 61, 2.0):
+    for bad in (0, 61):
         with pytest.raises(ValueError, match="batch_size"):
             minibatch_gradient_variance(grads, bad)
+    with pytest.raises(TypeError, match="batch_size must be an int"):
+        minibatch_gradient_variance(grads, 2.0)
     with pytest.raises(ValueError, match="draws"):
         sampled_minibatch_gradient_variance(grads, 2, draws=0)
+    with pytest.raises(TypeError, match="draws must be an int"):
+        sampled_minibatch_gradient_variance(grads, 2, draws=10.0)
     with pytest.raises(ValueError, match="2-D"):
         minibatch_gradient_variance(grads[0], 1)
 
