@@ -273,14 +273,18 @@ def _small_gpt(device, quick, fast_attention=True):
 
 @benchmark("gpt training step: readable attention vs fast path", "4")
 def _bench_gpt_training(device, quick):
+    from companion.train import default_autocast_dtype
+
     B, T = (4, 64) if quick else (32, 128)
     x = torch.randint(103, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
+    dtype = default_autocast_dtype(device)  # bf16 on recent GPUs, fp16 on older, none on CPU
 
     def trainer(model):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
         def step():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, dtype=dtype or torch.float32,
+                                enabled=dtype is not None):
                 _, loss = model(x, x)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -966,8 +966,11 @@ def bootstrap_ci(metric: Callable[..., float], *arrays, n_resamples: int = 1000,
     (:math:`\alpha = 1 -` ``confidence_level``), interpolated as ``np.percentile`` does
     :cite:p:`efron1979bootstrap`.
     For a difference between two models, pass a metric that returns the difference:
-    the interval is then *paired*, which is narrower and honest. ``generator`` (a CPU
-    ``torch.Generator``) makes the resamples repeatable.
+    the interval is then *paired* -- both models are scored on the same resampled rows,
+    so the correlation between their errors is accounted for. When the two models'
+    results are positively correlated (as on a shared test set they usually are), the
+    paired interval is narrower than one built from two separate intervals.
+    ``generator`` (a CPU ``torch.Generator``) makes the resamples repeatable.
     """
     if not arrays:
         raise ValueError("give at least one array to resample")

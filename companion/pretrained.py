@@ -23,8 +23,8 @@ run that produced the shipped file (torch 2.13.0, one thread, 44 minutes on a bu
 shared 2-core CPU; a second run took 23 minutes and wrote the same bytes;
 ``--threads`` and ``--device cuda`` go faster but change the bytes) printed:
 
-* validation loss (all of the validation text, 128-character windows): 1.1513 nats
-  per character (training windows: 0.97);
+* validation loss (the validation text, in whole 128-character windows -- all of it
+  but the last 40 characters): 1.1513 nats per character (training windows: 0.97);
 * sha256 ``7d995363af4c4d710bbd19a2fb688c9789f46eee4582b3eec4b785b9aa03f49e``.
 """
 
@@ -61,8 +61,9 @@ def sha256(path: str | Path) -> str:
 
 
 def validation_loss(model: GPT, corpus: CharCorpus) -> float:
-    """Mean cross-entropy over all of ``corpus``'s validation text, in windows of the
-    model's ``block_size`` (nats per character)."""
+    """Mean cross-entropy (nats per character) over ``corpus``'s validation text, cut
+    into whole windows of the model's ``block_size`` by :func:`~companion.train.fixed_windows`:
+    every character is predicted once, except a tail shorter than one window."""
     return language_model_loss(model, *fixed_windows(corpus.val_ids, model.config.block_size))
 
 
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     path = save_checkpoint(model, corpus, args.out, steps=args.steps, val_loss=val,
                            eval_step=history.eval_step, train_loss=history.train_loss,
                            val_loss_curve=history.val_loss, torch_version=str(torch.__version__))
-    print(f"validation loss (all validation text): {val:.4f}")
+    print(f"validation loss (validation text in whole windows): {val:.4f}")
     print(f"wrote {path.name}: {path.stat().st_size / 1e6:.2f} MB, sha256 {sha256(path)}")
     return 0
 

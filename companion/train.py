@@ -1,4 +1,4 @@
-"""Training loops shared by the chapters (book: chapters 3, 5 and 6).
+"""Training loops shared by the chapters (book: chapters 3 to 6).
 
 :func:`train_classifier` is the plain mini-batch loop -- shuffle, forward, loss,
 backward, optimizer step -- with the history every chapter plots. It takes any
@@ -8,7 +8,9 @@ backward, optimizer step -- with the history every chapter plots. It takes any
 
 from __future__ import annotations
 
+import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +41,13 @@ def _check_xy(X, y, name_x="X", name_y="y"):
         raise ValueError(f"{name_x} has {X.shape[0]} rows but {name_y} has {y.shape[0]}")
     if y.dtype != torch.long:
         raise TypeError(f"{name_y} must hold class indices of dtype torch.long, got {y.dtype}")
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -89,10 +98,8 @@ def train_classifier(model: nn.Module, optimizer: torch.optim.Optimizer, X: torc
         raise ValueError("give both X_val and y_val, or neither")
     if X_val is not None:
         _check_xy(X_val, y_val, "X_val", "y_val")
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    _check_positive_int("epochs", epochs)
+    _check_positive_int("batch_size", batch_size)
 
     device = _device_of(model)
     X, y = X.to(device), y.to(device)
@@ -145,8 +152,10 @@ def fixed_windows(ids: torch.Tensor, block_size: int, num_windows: int | None = 
     """Non-overlapping windows of a token stream: inputs and next-token targets.
 
     Returns ``(x, y)``, each ``(n, block_size)``, with ``y[:, t] == x[:, t + 1]``;
-    the windows start at evenly spaced offsets and never overlap, so ``num_windows=None``
-    (all of them) covers the whole stream once. Deterministic: use it for evaluation.
+    the windows start at evenly spaced offsets and never overlap. ``num_windows=None``
+    takes all ``(len(ids) - 1) // block_size`` whole windows: they predict every token
+    once except a tail of ``(len(ids) - 1) % block_size`` (fewer than one window),
+    which is left out. Deterministic: use it for evaluation.
     """
     if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
         raise ValueError("ids must be a 1-D tensor of token ids")
@@ -181,14 +190,36 @@ def language_model_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     """Mean next-token cross-entropy (nats per token) of ``model`` on ``(x, y)``.
 
     ``model(x, y)`` must return ``(logits, mean_loss)``; positions whose target is
-    ``-1`` are ignored. Eval mode, no gradients; the mode is restored afterwards.
+    ``-1`` are ignored (a batch without any scored target is skipped; if no target at
+    all is scored, a ``ValueError`` is raised). Eval mode, no gradients; the mode is
+    restored afterwards.
     """
     total, count = 0.0, 0
     for xb, yb in _batches_in_eval_mode(model, x, y, batch_size):
-        _, loss = model(xb, yb)
         n = int((yb != -1).sum())
+        if n == 0:  # the mean loss of such a batch is 0 / 0
+            continue
+        _, loss = model(xb, yb)
         total, count = total + loss.item() * n, count + n
+    if count == 0:
+        raise ValueError("y has no scored target (every target is -1): the loss is undefined")
     return total / count
+
+
+def default_autocast_dtype(device) -> torch.dtype | None:
+    """The mixed-precision dtype :func:`train_language_model` uses on ``device``.
+
+    bfloat16 on a CUDA GPU that computes it natively (compute capability 8.0 and
+    later: A100, H100, RTX 30xx ...); float16 on older CUDA GPUs (V100, T4), where
+    bfloat16 is emulated and slow; ``None`` (float32, no autocast) on other devices.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    on_device = torch.cuda.device(device.index) if device.index is not None else nullcontext()
+    with on_device:  # is_bf16_supported asks the current device
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.bfloat16 if native_bf16 else torch.float16
 
 
 def train_language_model(model: nn.Module, optimizer: torch.optim.Optimizer, get_batch, *,
@@ -201,19 +232,22 @@ def train_language_model(model: nn.Module, optimizer: torch.optim.Optimizer, get
     ``(logits, loss)``. Every ``eval_every`` steps (and at the end) the loss on
     ``eval_batches = {"train": (x, y), "val": (x, y)}`` -- fixed batches, e.g. from
     :func:`fixed_windows` -- is recorded. Gradients are clipped to norm ``grad_clip``.
-    ``autocast_dtype`` (default: bfloat16 on CUDA, none elsewhere) runs the forward
-    pass in mixed precision; the weights stay float32. ``log(history)``, if given, is
-    called after each evaluation (e.g. to print progress).
+    ``autocast_dtype`` runs the forward pass in mixed precision; the weights stay
+    float32. The default (:func:`default_autocast_dtype`) is bfloat16 on GPUs that
+    support it natively, float16 on older CUDA GPUs and none elsewhere; with float16
+    the loss is scaled (``torch.amp.GradScaler``) so that small gradients do not
+    underflow. ``log(history)``, if given, is called after each evaluation (e.g. to
+    print progress).
     """
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if not isinstance(eval_every, int) or eval_every < 1:
-        raise ValueError(f"eval_every must be a positive int, got {eval_every!r}")
+    _check_positive_int("steps", steps)
+    _check_positive_int("eval_every", eval_every)
     if set(eval_batches) != {"train", "val"}:
         raise ValueError(f"eval_batches must have keys 'train' and 'val', got {set(eval_batches)}")
     device = _device_of(model)
-    if autocast_dtype is None and device.type == "cuda":
-        autocast_dtype = torch.bfloat16
+    if autocast_dtype is None:
+        autocast_dtype = default_autocast_dtype(device)
+    # float16 has a narrow exponent range: scale the loss, unscale before clipping
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     history, seconds, tokens = LMHistory(), 0.0, 0
 
     def record(step):
@@ -235,10 +269,12 @@ def train_language_model(model: nn.Module, optimizer: torch.optim.Optimizer, get
                             enabled=autocast_dtype is not None):
             _, loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if grad_clip is not None:
+            scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)  # skips the step if a gradient overflowed (float16 only)
+        scaler.update()
         if scheduler is not None:
             scheduler.step()
         history.step_loss.append(loss.item())  # .item() waits for the GPU: fair timing
@@ -246,6 +282,44 @@ def train_language_model(model: nn.Module, optimizer: torch.optim.Optimizer, get
         tokens += x.numel()
     record(steps)
     return history
+
+
+def ngram_baselines(train_ids: torch.Tensor, eval_ids: torch.Tensor, vocab_size: int, *,
+                    smoothing: float = 1.0) -> dict[str, float]:
+    """Losses of three models without a network, in nats per token on ``eval_ids``.
+
+    Each model is fitted by counting on ``train_ids`` and scores the same
+    ``len(eval_ids) - 1`` predictions, token ``t + 1`` of ``eval_ids`` from token ``t``:
+
+    * ``"uniform"``: every token equally likely, ``ln V``;
+    * ``"unigram"``: ``p(b) = (n(b) + s) / (N + s V)``, the token frequencies;
+    * ``"bigram"``: ``p(b | a) = (n(a, b) + s) / (n(a) + s V)``, the frequencies of the
+      token that follows ``a`` -- a strong baseline with one token of context.
+
+    ``n`` counts in ``train_ids`` (``n(a)``: how often ``a`` is followed by a token);
+    ``s = smoothing`` is added to every count (``1.0``: add-one, Laplace) so that a
+    pair never seen in training does not get probability 0. Book: chapters 4 and 5.
+    """
+    for name, ids in (("train_ids", train_ids), ("eval_ids", eval_ids)):
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype != torch.long:
+            raise ValueError(f"{name} must be a 1-D torch.long tensor of token ids")
+        if len(ids) < 2:
+            raise ValueError(f"{name} must hold at least 2 tokens, got {len(ids)}")
+        if ids.min() < 0 or ids.max() >= vocab_size:
+            raise ValueError(f"{name} must hold ids in [0, {vocab_size}), got values from "
+                             f"{ids.min().item()} to {ids.max().item()}")
+    if not smoothing > 0:
+        raise ValueError(f"smoothing must be > 0, got {smoothing!r}")
+    V, train_ids = vocab_size, train_ids.to(eval_ids.device)
+    unigram = torch.bincount(train_ids, minlength=V).double() + smoothing  # (V,)
+    pairs = torch.bincount(train_ids[:-1] * V + train_ids[1:], minlength=V * V)
+    bigram = pairs.double().reshape(V, V) + smoothing  # (V, V): row a, column b
+    previous, target = eval_ids[:-1], eval_ids[1:]
+    unigram_log_p = (unigram / unigram.sum()).log()
+    bigram_log_p = (bigram / bigram.sum(dim=1, keepdim=True)).log()
+    return {"uniform": math.log(V),
+            "unigram": -unigram_log_p[target].mean().item(),
+            "bigram": -bigram_log_p[previous, target].mean().item()}
 
 
 @torch.no_grad()

@@ -17,9 +17,11 @@ Read top to bottom:
    of GPT-2 :cite:p:`radford2019language` with tied input/output embeddings.
 
 Every attention layer has two interchangeable paths: the readable one above, and a
-fast one through ``F.scaled_dot_product_attention`` (fused kernels, FlashAttention
-:cite:p:`dao2022flashattention` on a GPU). Both give the same numbers (tested in
-float64), so the fast path is the default.
+fast one through ``F.scaled_dot_product_attention``, for which PyTorch picks a fused
+kernel where one applies -- on a GPU, FlashAttention :cite:p:`dao2022flashattention`
+for bf16/fp16 on recent GPUs without an explicit mask, a memory-efficient kernel
+otherwise. Both give the same numbers (tested in float64), so the fast path is the
+default.
 """
 
 from __future__ import annotations
@@ -265,10 +267,11 @@ class MultiHeadAttention(nn.Module):
                          else attn_mask.view(B, self.num_heads, L, S))
         if key_padding_mask is not None:
             parts.append(key_padding_mask.view(B, 1, 1, S))
-        if is_causal and L > 1:  # a single new query may see every cached key
-            if not parts and past == 0:
+        if is_causal:
+            if not parts and past == 0:  # top-left, exactly sdpa's own is_causal
                 return None, True
-            parts.append(~causal_mask(L, S, past, device=like.device))
+            if past + 1 < S:  # else every query may see every key: nothing to mask
+                parts.append(~causal_mask(L, S, past, device=like.device))
         mask = None
         for part in parts:  # nn.MultiheadAttention's convention: True = forbidden
             if part.dtype == torch.bool:
@@ -285,19 +288,21 @@ class MultiHeadAttention(nn.Module):
         Returns ``(output (B, L, E), weights)``, like ``nn.MultiheadAttention``;
         ``weights`` is ``None`` unless ``need_weights``, then ``(B, L, S)`` averaged over
         heads or ``(B, num_heads, L, S)``. With ``kv_cache`` the new keys and values are
-        appended to the cache and the queries attend to everything in it.
+        appended to the cache and the queries attend to everything in it (with
+        ``is_causal``, query ``i`` sits at position ``past + i`` after the ``past`` cached
+        ones and sees keys ``0 .. past + i``; without a cache, as in
+        ``F.scaled_dot_product_attention``, query ``i`` sees keys ``0 .. i``).
         """
         self._check_inputs(query, key, value, key_padding_mask, attn_mask)
         B, L, _ = query.shape
-        q, k, v = (self._split_heads(x) for x in self._project(query, key, value))
-        past = 0
-        if kv_cache is not None:
-            past = kv_cache.length
-            k, v = kv_cache.append(k, v)  # (B, nh, past + S, hs)
-        S = k.size(2)
+        past = kv_cache.length if kv_cache is not None else 0
         if past and (key_padding_mask is not None or attn_mask is not None):
             raise ValueError("key_padding_mask and attn_mask cannot be combined with a "
                              "filled kv_cache (use is_causal)")
+        q, k, v = (self._split_heads(x) for x in self._project(query, key, value))
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)  # (B, nh, past + S, hs)
+        S = k.size(2)
         mask, causal = self._sdpa_mask(B, L, S, past, key_padding_mask, attn_mask, is_causal, q)
         dropout_p = self.dropout if self.training else 0.0
         weights = None
@@ -423,8 +428,13 @@ class TransformerBlock(nn.Module):
                             f"got {type(layer).__name__}")
         if not layer.norm_first or layer.activation_relu_or_gelu != 2:
             raise ValueError("layer must be pre-LN with GELU: norm_first=True, activation='gelu'")
-        if layer.norm1.eps != self.attn_norm.eps:
-            raise ValueError(f"layer_norm_eps must be {self.attn_norm.eps}, got {layer.norm1.eps}")
+        approximate = getattr(layer.activation, "approximate", "none")
+        if approximate != "none":
+            raise ValueError(f"layer must use the exact GELU (approximate='none') like this "
+                             f"block, got approximate={approximate!r}")
+        for norm in (layer.norm1, layer.norm2):
+            if norm.eps != self.attn_norm.eps:
+                raise ValueError(f"layer_norm_eps must be {self.attn_norm.eps}, got {norm.eps}")
         if layer.linear1.out_features != 4 * self.attn.embed_dim:
             raise ValueError(f"layer's dim_feedforward must be 4 * {self.attn.embed_dim}, "
                              f"got {layer.linear1.out_features}")
@@ -472,13 +482,29 @@ class GPTConfig:
                              f"got {self.position_encoding!r}")
 
 
+def _check_sampling(temperature, top_k) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                              or top_k < 1):
+        raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
+
+
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw one token id per row from ``logits (B, V)``; returns ``(B, 1)``.
 
     ``softmax(logits / temperature)``, restricted to the ``top_k`` most likely ids
-    if given; ``temperature=0`` takes the arg-max (greedy decoding).
+    if given (ids whose logit ties with the ``k``-th largest are kept too, so a few
+    more than ``k`` may remain); ``temperature=0`` takes the arg-max (greedy decoding).
+    Book: "The pretrained GPT".
     """
+    _check_tensor("logits", logits)
+    if logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating-point (batch, vocab_size) tensor, "
+                         f"got shape {tuple(logits.shape)} and dtype {logits.dtype}")
+    _check_sampling(temperature, top_k)
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
@@ -493,8 +519,9 @@ class GPT(nn.Module):
 
     token + position embedding -> ``n_layer`` causal :class:`TransformerBlock` ->
     final LayerNorm -> ``lm_head``, whose weight *is* the token embedding (tied).
-    Parameters: ``12 L d^2 + 13 L d`` in the blocks, ``(V + T) d`` in the embeddings
-    and ``2 d`` in the final norm. Book: section "A small GPT".
+    Parameters: ``12 L d^2 + 13 L d`` in the blocks, ``V d`` in the token table,
+    ``T d`` in the learned position table (none with ``position_encoding="sinusoidal"``,
+    whose table is fixed) and ``2 d`` in the final norm. Book: section "A small GPT".
     """
 
     def __init__(self, config: GPTConfig):
@@ -560,7 +587,10 @@ class GPT(nn.Module):
         """
         self._check_ids("idx", idx)
         B, T = idx.shape
-        past = kv_caches[0].length if kv_caches else 0
+        past = 0
+        if kv_caches is not None:
+            self._check_kv_caches(kv_caches, B)
+            past = kv_caches[0].length
         if past + T > self.config.block_size:
             raise ValueError(f"sequence length {past + T} exceeds block_size="
                              f"{self.config.block_size}; crop the input to the last "
@@ -569,7 +599,7 @@ class GPT(nn.Module):
         x = self.token_embedding(idx) + self.position_embedding(positions)  # (B, T, C)
         x = self.embedding_dropout(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, kv_cache=kv_caches[i] if kv_caches else None)
+            x = block(x, kv_cache=kv_caches[i] if kv_caches is not None else None)
         logits = self.lm_head(self.final_norm(x))  # (B, T, V)
         loss = None
         if targets is not None:
@@ -579,6 +609,25 @@ class GPT(nn.Module):
                                  f"got {tuple(targets.shape)}")
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
+
+    def _check_kv_caches(self, kv_caches, batch_size: int) -> None:
+        c = self.config
+        if not isinstance(kv_caches, (list, tuple)) or \
+                not all(isinstance(cache, KVCache) for cache in kv_caches):
+            raise TypeError("kv_caches must be a list of KVCache (see new_kv_caches), "
+                            f"got {type(kv_caches).__name__}")
+        if len(kv_caches) != c.n_layer:
+            raise ValueError(f"kv_caches must hold one KVCache per block ({c.n_layer}), "
+                             f"got {len(kv_caches)}")
+        expected = (batch_size, c.n_head, c.n_embd // c.n_head)
+        for cache in kv_caches:
+            shape = (cache.keys.size(0), cache.keys.size(1), cache.keys.size(3))
+            if shape != expected:
+                raise ValueError(f"each KVCache must be for (batch, n_head, head_dim) = "
+                                 f"{expected}, got {shape}")
+        if len({cache.length for cache in kv_caches}) > 1:
+            raise ValueError("the KVCaches must all hold the same number of positions, got "
+                             f"{[cache.length for cache in kv_caches]}")
 
     def new_kv_caches(self, batch_size: int) -> list[KVCache]:
         """Empty key/value caches, one per block, for ``block_size`` positions."""
@@ -630,10 +679,7 @@ class GPT(nn.Module):
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if idx.size(1) < 1:
             raise ValueError("idx must hold at least one token to start from")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
+        _check_sampling(temperature, top_k)
         was_training = self.training
         self.eval()
         block_size, caches = self.config.block_size, None

@@ -1,7 +1,9 @@
 """Language-model training (companion.train), the sorting task (companion.data) and the
 pretrained checkpoint (companion.pretrained)."""
 
+import math
 import re
+from collections import Counter
 
 import pytest
 import torch
@@ -10,9 +12,11 @@ import torch.nn.functional as F
 from companion import pretrained
 from companion.data import CharCorpus, SortingTask
 from companion.train import (
+    default_autocast_dtype,
     exact_match_accuracy,
     fixed_windows,
     language_model_loss,
+    ngram_baselines,
     train_language_model,
 )
 from companion.transformer import GPT, GPTConfig
@@ -93,6 +97,109 @@ def test_language_model_loss_is_the_mean_over_scored_tokens():
     assert model.training
 
 
+def test_language_model_loss_skips_batches_without_scored_targets():
+    model = _tiny_gpt(11, 16)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(11, (6, 16), generator=g), torch.randint(11, (6, 16), generator=g)
+    y[:2] = -1  # the whole first batch of 2 rows is unscored
+    logits, _ = model(x)
+    expected = F.cross_entropy(logits[2:].flatten(0, 1), y[2:].flatten()).item()
+    loss = language_model_loss(model, x, y, batch_size=2)
+    assert math.isfinite(loss) and loss == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="no scored target"):
+        language_model_loss(model, x, torch.full_like(y, -1), batch_size=2)
+
+
+def _ngram_losses_by_counting(train, test, V, s):
+    """The same three losses from Python counters, one prediction at a time."""
+    singles, pairs = Counter(train), Counter(zip(train[:-1], train[1:]))
+    followed = Counter(train[:-1])
+    predictions = list(zip(test[:-1], test[1:]))
+    unigram = [-math.log((singles[b] + s) / (len(train) + s * V)) for _, b in predictions]
+    bigram = [-math.log((pairs[a, b] + s) / (followed[a] + s * V)) for a, b in predictions]
+    return {"uniform": math.log(V), "unigram": sum(unigram) / len(unigram),
+            "bigram": sum(bigram) / len(bigram)}
+
+
+@pytest.mark.parametrize("smoothing", [1.0, 0.1])
+def test_ngram_baselines_equal_counting(device, smoothing):
+    g = torch.Generator().manual_seed(0)
+    V = 7
+    # a skewed stream, so that the unigram and bigram tables differ from uniform;
+    # symbol 6 never occurs in training: smoothing must keep its probability > 0
+    train = torch.multinomial(torch.tensor([8.0, 4, 2, 1, 1, 1, 0]), 500, replacement=True,
+                              generator=g)
+    test = torch.randint(V, (200,), generator=g)
+    ours = ngram_baselines(train.to(device), test.to(device), V, smoothing=smoothing)
+    expected = _ngram_losses_by_counting(train.tolist(), test.tolist(), V, smoothing)
+    assert ours.keys() == expected.keys()
+    for name in expected:
+        assert ours[name] == pytest.approx(expected[name], rel=1e-12), name
+    # on its own training text the bigram model is better than the unigram model
+    own = ngram_baselines(train, train, V, smoothing=smoothing)
+    assert own["bigram"] < own["unigram"] < own["uniform"]
+
+
+def test_ngram_baselines_reject_bad_input():
+    ids = torch.tensor([0, 1, 2, 1])
+    with pytest.raises(ValueError, match="smoothing must be > 0"):
+        ngram_baselines(ids, ids, 3, smoothing=0.0)
+    with pytest.raises(ValueError, match=r"eval_ids must hold ids in \[0, 3\)"):
+        ngram_baselines(ids, ids + 1, 3)
+    with pytest.raises(ValueError, match="train_ids must be a 1-D torch.long"):
+        ngram_baselines(ids.float(), ids, 3)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        ngram_baselines(ids, ids[:1], 3)
+
+
+def test_default_autocast_dtype(monkeypatch):
+    asked = []
+
+    def fake_bf16_support(native):
+        def is_bf16_supported(including_emulation=True):
+            asked.append(including_emulation)
+            return native or including_emulation
+        return is_bf16_supported
+
+    assert default_autocast_dtype("cpu") is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", fake_bf16_support(True))
+    assert default_autocast_dtype("cuda") == torch.bfloat16  # Ampere and later
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", fake_bf16_support(False))
+    assert default_autocast_dtype(torch.device("cuda")) == torch.float16  # V100, T4: emulated
+    assert asked == [False, False]  # emulated bfloat16 does not count
+
+
+def _one_step_update(autocast_dtype):
+    task = SortingTask(length=4, num_values=5)
+    model = _tiny_gpt(task.vocab_size, task.block_size, dtype=torch.float32)
+    before = [p.detach().clone() for p in model.parameters()]
+    g = torch.Generator().manual_seed(0)
+    eval_batches = {s: task.sample(16, torch.Generator().manual_seed(i))
+                    for i, s in enumerate(("train", "val"))}
+    train_language_model(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                         lambda: task.sample(32, g), steps=1, eval_every=1,
+                         eval_batches=eval_batches, grad_clip=1.0,
+                         autocast_dtype=autocast_dtype)
+    return torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+
+
+def test_float16_training_scales_the_loss_and_clips_unscaled_gradients(monkeypatch):
+    scalers = []
+
+    class RecordingScaler(torch.amp.GradScaler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            scalers.append(self.is_enabled())
+
+    monkeypatch.setattr(torch.amp, "GradScaler", RecordingScaler)
+    # with loss scaling, clipping must see the true gradients (unscale_ first): then one
+    # float16 step moves the weights as a float32 step does, up to float16 rounding
+    step_32, step_16 = _one_step_update(None), _one_step_update(torch.float16)
+    assert scalers == [False, True]  # the loss is scaled in float16 only
+    assert step_32.norm() > 0
+    assert (step_16 - step_32).norm() < 1e-2 * step_32.norm()
+
+
 def test_training_learns_the_sorting_task(device):
     task = SortingTask(length=4, num_values=5)
     model = _tiny_gpt(task.vocab_size, task.block_size, dtype=torch.float32).to(device)
@@ -120,6 +227,10 @@ def test_training_rejects_bad_arguments():
         train_language_model(model, optimizer, None, steps=1, eval_every=0, eval_batches=batches)
     with pytest.raises(ValueError, match="eval_batches"):
         train_language_model(model, optimizer, None, steps=1, eval_every=1, eval_batches={})
+    with pytest.raises(TypeError, match="steps"):
+        train_language_model(model, optimizer, None, steps=2.0, eval_every=1, eval_batches=batches)
+    with pytest.raises(TypeError, match="eval_every"):
+        train_language_model(model, optimizer, None, steps=1, eval_every="1", eval_batches=batches)
 
 
 # --------------------------------------------------------------------------- the checkpoint
@@ -150,5 +261,8 @@ def test_the_shipped_checkpoint():
     assert re.search(r"sha256 ``([0-9a-f]{64})``", doc).group(1) == pretrained.sha256(path)
     documented = float(re.search(r"validation text, .*?\):\s+([0-9.]+)", doc, re.S).group(1))
     assert documented == round(checkpoint["record"]["val_loss"], 4)
-    # and evaluating the model again on all of the validation text confirms it
+    # and evaluating the model again on the validation text confirms it; the documented
+    # tail that whole windows leave out is right too
     assert abs(pretrained.validation_loss(model, corpus) - documented) < 1e-3
+    tail = int(re.search(r"but the last (\d+) characters", doc).group(1))
+    assert tail == (len(corpus.val_ids) - 1) % model.config.block_size

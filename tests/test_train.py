@@ -82,7 +82,9 @@ def test_evaluate_restores_training_mode_and_matches_direct_computation():
     (dict(y=torch.zeros(10)), TypeError, "torch.long"),
     (dict(X=[[0.0, 0.0]]), TypeError, "tensors"),
     (dict(epochs=0), ValueError, "epochs"),
+    (dict(epochs=1.5), TypeError, "epochs"),
     (dict(batch_size=0), ValueError, "batch_size"),
+    (dict(batch_size=True), TypeError, "batch_size"),
     (dict(X_val=torch.zeros(2, 2)), ValueError, "X_val and y_val"),
 ])
 def test_bad_input(kw, error, match):

@@ -240,6 +240,51 @@ def test_mha_kv_cache_equals_full_causal_attention(device):
         cache.append(torch.zeros(2, 3, 8, 4), torch.zeros(2, 3, 8, 4))
 
 
+def test_mha_rejected_call_leaves_the_kv_cache_unchanged():
+    ours, _ = mha_pair("cpu")
+    x, _ = inputs("cpu")
+    cache = KVCache(2, 3, 16, 4, dtype=F64)
+    ours(x[:, :3], x[:, :3], x[:, :3], is_causal=True, kv_cache=cache)
+    keys, values = cache.keys.clone(), cache.values.clone()
+    new = x[:, 3:4]
+    with pytest.raises(ValueError, match="filled kv_cache"):
+        ours(new, new, new, key_padding_mask=torch.zeros(2, 1, dtype=torch.bool),
+             kv_cache=cache)
+    assert cache.length == 3  # the rejected call appended nothing
+    assert torch.equal(cache.keys, keys) and torch.equal(cache.values, values)
+    # so the next, valid step still equals full causal attention
+    step, _ = ours(new, new, new, is_causal=True, kv_cache=cache)
+    full, _ = ours(x[:, :4], x[:, :4], x[:, :4], is_causal=True)
+    torch.testing.assert_close(step, full[:, 3:], **TOL)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "readable"])
+@pytest.mark.parametrize("padding", [False, True], ids=["causal", "causal_and_padding"])
+@pytest.mark.parametrize("L", [1, 2])
+def test_mha_causal_without_cache_is_top_left_like_sdpa(device, fast, padding, L):
+    """Without a cache, is_causal means sdpa's top-left mask for every L, also L = 1 < S."""
+    ours, _ = mha_pair(device, fast=fast)
+    x, mem = inputs(device, L=L, S=6)
+    B, S, H, E = 2, 6, 3, 12
+    kw = {}
+    allowed = causal_mask(L, S, device=device)[None, None]  # (1, 1, L, S), True = may attend
+    if padding:
+        kw["key_padding_mask"] = torch.zeros(B, S, dtype=torch.bool, device=device)
+        kw["key_padding_mask"][1, -1] = True
+        allowed = allowed & ~kw["key_padding_mask"][:, None, None, :]
+    out, _ = ours(x, mem, mem, is_causal=True, **kw)
+    # by hand: project, split heads, PyTorch's attention with its own masks, merge, project
+    W, b = ours.in_proj.weight.chunk(3), ours.in_proj.bias.chunk(3)
+    q, k, v = (F.linear(t, w, bias).view(B, -1, H, E // H).transpose(1, 2)
+               for t, w, bias in zip((x, mem, mem), W, b))
+    if padding:
+        heads = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    else:
+        heads = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    expected = ours.out_proj(heads.transpose(1, 2).reshape(B, L, E))
+    torch.testing.assert_close(out, expected, **TOL)
+
+
 def test_mha_rejects_bad_input():
     with pytest.raises(ValueError, match="divisible by num_heads"):
         MultiHeadAttention(10, 3)
@@ -317,6 +362,18 @@ def test_block_load_rejects_other_layers():
                                                          norm_first=True, batch_first=True))
     with pytest.raises(TypeError):
         block.load_from_torch(nn.Linear(2, 2))
+    tanh_gelu = nn.TransformerEncoderLayer(16, 4, 64, activation=nn.GELU(approximate="tanh"),
+                                           norm_first=True, batch_first=True)
+    with pytest.raises(ValueError, match="approximate='tanh'"):
+        block.load_from_torch(tanh_gelu)
+    exact_gelu = nn.TransformerEncoderLayer(16, 4, 64, activation=nn.GELU(), norm_first=True,
+                                            batch_first=True)
+    assert block.load_from_torch(exact_gelu) is block  # the module form of exact GELU is fine
+    other_eps = nn.TransformerEncoderLayer(16, 4, 64, activation="gelu", norm_first=True,
+                                           batch_first=True)
+    other_eps.norm2.eps = 1e-6
+    with pytest.raises(ValueError, match="layer_norm_eps"):
+        block.load_from_torch(other_eps)
 
 
 # --------------------------------------------------------------------------- GPT
@@ -440,6 +497,27 @@ def test_sample_next_token_distribution_and_top_k():
     cold = sample_next_token(logits, temperature=0.05, generator=g)
     assert (cold == 0).all()
     assert torch.equal(sample_next_token(logits[:2], temperature=0.0), torch.zeros(2, 1).long())
+    # ties with the k-th best logit are kept (documented): top_k=1 of [1, 1, 1, 0]
+    tied = torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=F64).expand(3000, 4)
+    assert set(sample_next_token(tied, top_k=1, generator=g).flatten().tolist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"temperature": -1.0}, ValueError, "temperature must be a finite number >= 0"),
+    ({"temperature": float("nan")}, ValueError, "temperature"),
+    ({"temperature": float("inf")}, ValueError, "temperature"),
+    ({"temperature": True}, ValueError, "temperature"),
+    ({"top_k": 0}, ValueError, "top_k must be None or a positive int"),
+    ({"top_k": 2.0}, ValueError, "top_k"),
+    ({"logits": torch.zeros(4)}, ValueError, r"\(batch, vocab_size\)"),
+    ({"logits": torch.zeros(2, 3, 4)}, ValueError, r"\(batch, vocab_size\)"),
+    ({"logits": torch.zeros(2, 4, dtype=torch.long)}, ValueError, "floating-point"),
+    ({"logits": [[0.0, 1.0]]}, TypeError, "logits must be a torch.Tensor"),
+])
+def test_sample_next_token_rejects_bad_input(kwargs, error, match):
+    kwargs = {"logits": torch.zeros(2, 4), **kwargs}
+    with pytest.raises(error, match=match):
+        sample_next_token(**kwargs)
 
 
 def test_attention_maps(device):
@@ -480,6 +558,19 @@ def test_gpt_rejects_bad_input():
         model.generate(ids("cpu"), 2, top_k=0)
     with pytest.raises(ValueError, match="exceeds block_size"):
         model.attention_maps(ids("cpu", T=13))
+    with pytest.raises(ValueError, match=r"one KVCache per block \(2\), got 1"):
+        model(ids("cpu"), kv_caches=model.new_kv_caches(3)[:1])
+    with pytest.raises(ValueError, match=r"one KVCache per block \(2\), got 0"):
+        model(ids("cpu"), kv_caches=[])
+    with pytest.raises(ValueError, match=r"\(batch, n_head, head_dim\) = \(3, 2, 4\)"):
+        model(ids("cpu"), kv_caches=model.new_kv_caches(2))
+    with pytest.raises(TypeError, match="list of KVCache"):
+        model(ids("cpu"), kv_caches=[None, None])
+    uneven = model.new_kv_caches(3)
+    model.blocks[0].attn(*(torch.zeros(3, 2, 8, dtype=F64),) * 3, is_causal=True,
+                         kv_cache=uneven[0])
+    with pytest.raises(ValueError, match="same number of positions"):
+        model(ids("cpu"), kv_caches=uneven)
     with pytest.raises(ValueError, match="divisible by n_head"):
         GPTConfig(10, 8, 2, 3, 16)
     with pytest.raises(ValueError, match="block_size must be a positive int"):
