@@ -20,13 +20,19 @@ This module implements the pieces the chapter derives and tests:
 * :func:`show_image_attributions`, :func:`show_text_attribution` -- figures in the book's
   style.
 
-Every function takes batch-first tensors, ``(B, ...)``, and works on any device.
+Every function takes batch-first tensors, ``(B, ...)``, and works on any device; ``(B,)``
+means one feature per example. Data (inputs, baselines given as arrays, attributions,
+masks, attention maps) must be tensors; numbers (``n_steps``, a constant baseline,
+``residual_weight``, ...) may be Python or NumPy scalars, and ``target`` may be an int, a
+sequence of ints, a NumPy integer array or a tensor. A wrong type raises ``TypeError``, a
+wrong value or shape ``ValueError``.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -46,6 +52,22 @@ QUADRATURE_METHODS = (
 )
 
 # --------------------------------------------------------------------------- input checks
+
+
+def _is_int(value) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value) -> bool:
+    """A Python or NumPy real number, not a bool."""
+    return (isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, (bool, np.bool_)))
+
+
+def _rows(values: Tensor) -> Tensor:
+    """``(B, ...)`` as ``(B, D)``: one row of ``D`` features per example (``(B,)`` gives D = 1)."""
+    return values.reshape(values.shape[0], -1)
 
 
 def _check_forward_func(forward_func) -> None:
@@ -68,8 +90,9 @@ def _as_baselines(inputs: Tensor, baselines) -> Tensor:
     """``baselines`` as a tensor shaped ``(B, ...)`` or ``(1, ...)`` to broadcast on ``inputs``."""
     if baselines is None:
         return torch.zeros_like(inputs[:1])
-    if isinstance(baselines, (int, float)) and not isinstance(baselines, bool):
-        return torch.full_like(inputs[:1], baselines)
+    if _is_real(baselines):  # a Python or NumPy number
+        return torch.full_like(inputs[:1], baselines.item() if isinstance(baselines, np.generic)
+                               else baselines)
     if not isinstance(baselines, Tensor):
         raise TypeError("baselines must be None, a number or a tensor, got "
                         f"{type(baselines).__name__}")
@@ -89,12 +112,13 @@ def _target_index(target, n_examples: int, n_outputs: int | None, device) -> Ten
         return None
     if n_outputs is None:
         raise ValueError("target must be None when forward_func returns one number per example")
-    if isinstance(target, (bool, str, bytes)) \
-            or not isinstance(target, (int, np.integer, Sequence, Tensor)):
-        raise TypeError(f"target must be an int, a sequence of ints or a tensor, got "
+    if isinstance(target, (bool, np.bool_, str, bytes)) \
+            or not isinstance(target, (int, np.integer, Sequence, np.ndarray, Tensor)):
+        raise TypeError(f"target must be an int, a sequence or array of ints or a tensor, got "
                         f"{type(target).__name__}")
     index = torch.as_tensor(target, device=device)
-    if index.is_floating_point() or index.dim() > 1:
+    if index.dtype == torch.bool or index.is_floating_point() or index.is_complex() \
+            or index.dim() > 1:
         raise TypeError(f"target must hold integer indices in at most one dimension, got "
                         f"dtype {index.dtype} and shape {tuple(index.shape)}")
     if index.dim() == 1 and index.numel() != n_examples:
@@ -138,9 +162,12 @@ def path_quadrature(method: str = "riemann_trapezoid", n_steps: int = 50, *,
     uses the roots of the Legendre polynomial :math:`P_n`, exact for polynomials of degree
     :math:`2n - 1`. The weights always sum to one.
 
-    Nodes and weights are computed in float64 and then cast to ``dtype``. (Captum builds
-    its nodes in float32, and its ``riemann_trapezoid`` weights are :math:`1/n`, which sum
-    to :math:`(n - 1)/n`; book section "Integrated Gradients from its definition".)
+    Nodes and weights are computed in float64 and then cast to ``dtype``. (Captum 0.9
+    differs in two ways. Its Riemann nodes come from ``torch.linspace`` in the default
+    dtype, float32 unless changed, and it casts every rule's weights to float32; its
+    Gauss-Legendre nodes stay float64. And its ``riemann_trapezoid`` weights are
+    :math:`1/n`, halved at the ends, which sum to :math:`(n - 1)/n`. Book section
+    "Integrated Gradients from its definition".)
 
     Returns
     -------
@@ -149,7 +176,9 @@ def path_quadrature(method: str = "riemann_trapezoid", n_steps: int = 50, *,
     if method not in QUADRATURE_METHODS:
         raise ValueError(f"method must be one of {QUADRATURE_METHODS}, got {method!r}")
     minimum = 2 if method == "riemann_trapezoid" else 1
-    if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < minimum:
+    if not _is_int(n_steps):
+        raise TypeError(f"n_steps must be an int, got {type(n_steps).__name__}")
+    if n_steps < minimum:
         raise ValueError(f"n_steps must be an int >= {minimum} for {method}, got {n_steps!r}")
     n = int(n_steps)
     f64 = dict(dtype=torch.float64)
@@ -240,7 +269,7 @@ def integrated_gradients(forward_func: Callable[[Tensor], Tensor], inputs: Tenso
         at_inputs = _select(forward_func(inputs), target, n_examples, 1)
         start = baselines.expand_as(inputs).contiguous()
         at_baselines = _select(forward_func(start), target, n_examples, 1)
-    delta = attributions.flatten(1).sum(1) - (at_inputs - at_baselines)
+    delta = _rows(attributions).sum(1) - (at_inputs - at_baselines)
     return attributions, delta
 
 
@@ -315,6 +344,8 @@ def shapley_values(forward_func: Callable[[Tensor], Tensor], inputs: Tensor, bas
     if int(groups.min()) != 0 or torch.unique(groups).numel() != n_groups:
         raise ValueError(f"feature_mask must use every group id 0 .. M-1, got ids "
                          f"{torch.unique(groups).tolist()}")
+    if not _is_int(max_groups):
+        raise TypeError(f"max_groups must be an int, got {type(max_groups).__name__}")
     if n_groups > max_groups:
         raise ValueError(f"feature_mask has {n_groups} groups; exact Shapley values need "
                          f"2**{n_groups} forward rows per example (max_groups={max_groups})")
@@ -324,7 +355,7 @@ def shapley_values(forward_func: Callable[[Tensor], Tensor], inputs: Tensor, bas
     bits = 1 << torch.arange(n_groups, device=inputs.device)  # (M,)
     members = (ids[:, None] & bits) != 0  # (2^M, M): is group i in S?
     keep = members[:, groups]  # (2^M, D): is feature j taken from the input?
-    x, b = inputs.flatten(1), baselines.expand_as(inputs).flatten(1)  # (B, D)
+    x, b = _rows(inputs), _rows(baselines.expand_as(inputs))  # (B, D)
     with torch.no_grad():
         mixtures = torch.where(keep[:, None, :], x, b)  # (2^M, B, D)
         rows = mixtures.reshape(n_coalitions * n_examples, *inputs.shape[1:])
@@ -403,16 +434,18 @@ def perturbation_curve(forward_func: Callable[[Tensor], Tensor], inputs: Tensor,
     n_examples, n_features = inputs.shape[0], inputs[0].numel()
     if n_points is None:
         counts = torch.arange(n_features + 1, device=inputs.device)
-    elif isinstance(n_points, int) and 2 <= n_points:
-        counts = torch.linspace(0, n_features, n_points, device=inputs.device).round().long()
+    elif not _is_int(n_points):
+        raise TypeError(f"n_points must be None or an int >= 2, got {type(n_points).__name__}")
+    elif n_points >= 2:
+        counts = torch.linspace(0, n_features, int(n_points), device=inputs.device).round().long()
     else:
         raise ValueError(f"n_points must be None or an int >= 2, got {n_points!r}")
 
-    order = torch.argsort(attributions.flatten(1), dim=1, descending=True, stable=True)  # (B, D)
+    order = torch.argsort(_rows(attributions), dim=1, descending=True, stable=True)  # (B, D)
     rank = torch.empty_like(order)  # rank[b, j] = position of feature j in the ranking
     rank.scatter_(1, order, torch.arange(n_features, device=order.device).expand_as(order))
     top_k = rank[None] < counts[:, None, None]  # (K, B, D): among the first k features?
-    x, b = inputs.flatten(1), baselines.expand_as(inputs).flatten(1)
+    x, b = _rows(inputs), _rows(baselines.expand_as(inputs))  # (B, D)
     with torch.no_grad():
         perturbed = torch.where(top_k, b, x) if mode == "deletion" else torch.where(top_k, x, b)
         rows = perturbed.reshape(len(counts) * n_examples, *inputs.shape[1:])
@@ -442,10 +475,15 @@ def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
     trained and a randomised model :cite:p:`adebayo2018sanity` (chapter 6).
     """
     a, b = _check_batch(a, "a", floating=False), _check_batch(b, "b", floating=False)
+    for name, values in (("a", a), ("b", b)):
+        if values.dim() < 2:
+            raise ValueError(f"{name} must have shape (B, D, ...): a ranking of D features per "
+                             f"example; got shape {tuple(values.shape)} (for one correlation "
+                             f"over a vector v, pass v[None])")
     if a.shape != b.shape:
         raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and "
                          f"{tuple(b.shape)}")
-    ra, rb = _average_ranks(a.flatten(1)), _average_ranks(b.flatten(1))
+    ra, rb = _average_ranks(_rows(a)), _average_ranks(_rows(b))
     ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
     return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))
 
@@ -458,16 +496,21 @@ def randomizable_layers(model: nn.Module) -> list[str]:
 
 
 def cascading_randomization(model: nn.Module, seed: int = 0) -> list[tuple[str, nn.Module]]:
-    """Copies of ``model`` with more and more layers re-initialised, from the top down.
+    r"""Copies of ``model`` with more and more layers re-initialised, from the top down.
 
-    The model-randomisation test of :cite:t:`adebayo2018sanity`: the :math:`k`-th copy has
-    its last :math:`k` layers (in :func:`randomizable_layers` order, which for a
-    ``nn.Sequential`` is input to output) reset to fresh random weights, the rest trained.
-    An attribution method that explains the *model* must give different attributions
-    for the copies. Returns ``[(name of the last layer reset, copy), ...]``; the model
-    itself is untouched. Layer :math:`k` is re-drawn with seed ``seed + k`` in every copy,
-    so that the copies are nested.
+    The model-randomisation test of :cite:t:`adebayo2018sanity`. With the :math:`L` layers
+    of :func:`randomizable_layers` (for a ``nn.Sequential``: input to output order), copy
+    :math:`k = 1, \dots, L` has its last :math:`k` layers reset to fresh random weights
+    and the other :math:`L - k` trained. Copy :math:`k` is copy :math:`k - 1` with one more
+    layer reset -- the :math:`k`-th from the top, drawn once with the seed
+    ``seed + k - 1`` -- so the copies are nested: a layer re-drawn in one copy has the same
+    random weights in every later copy. An attribution method that explains the *model*
+    must give different attributions for the copies. Returns
+    ``[(name of the layer reset last, copy k), ...]`` for :math:`k = 1, \dots, L`; the
+    model itself is untouched.
     """
+    if not _is_int(seed):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     layers = randomizable_layers(model)
     if not layers:
         raise ValueError("model has no layer with parameters and reset_parameters()")
@@ -475,7 +518,7 @@ def cascading_randomization(model: nn.Module, seed: int = 0) -> list[tuple[str, 
     for k, name in enumerate(reversed(layers)):
         current = copy.deepcopy(current)
         with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
-            torch.manual_seed(seed + k)
+            torch.manual_seed(int(seed) + k)
             current.get_submodule(name).reset_parameters()
         copies.append((name, current))
     return copies
@@ -508,15 +551,23 @@ def attention_rollout(attention_maps: Sequence[Tensor], residual_weight: float =
     if isinstance(attention_maps, Tensor) or not isinstance(attention_maps, Sequence) \
             or len(attention_maps) == 0:
         raise TypeError("attention_maps must be a non-empty list of (B, n_head, T, T) tensors")
-    shape = attention_maps[0].shape if isinstance(attention_maps[0], Tensor) else None
     for layer, maps in enumerate(attention_maps):
-        if not isinstance(maps, Tensor) or maps.dim() != 4 or maps.shape != shape \
+        name = f"attention_maps[{layer}]"
+        if not isinstance(maps, Tensor):
+            raise TypeError(f"{name} must be a (B, n_head, T, T) tensor, got {type(maps).__name__}")
+        if not maps.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {maps.dtype}")
+        if maps.dim() != 4 or maps.shape != attention_maps[0].shape \
                 or maps.shape[-1] != maps.shape[-2]:
-            raise ValueError(f"attention_maps[{layer}] must be a (B, n_head, T, T) tensor shaped "
-                             f"like attention_maps[0], got "
-                             f"{tuple(maps.shape) if isinstance(maps, Tensor) else type(maps)}")
+            raise ValueError(f"{name} must be a (B, n_head, T, T) tensor shaped like "
+                             f"attention_maps[0], got {tuple(maps.shape)}")
+    shape = attention_maps[0].shape
+    if not _is_real(residual_weight):
+        raise TypeError(f"residual_weight must be a number in [0, 1], got "
+                        f"{type(residual_weight).__name__}")
     if not 0.0 <= residual_weight <= 1.0:
         raise ValueError(f"residual_weight must be in [0, 1], got {residual_weight}")
+    residual_weight = float(residual_weight)
     eye = torch.eye(shape[-1], dtype=attention_maps[0].dtype, device=attention_maps[0].device)
     rollout = None
     for maps in attention_maps:
@@ -537,9 +588,11 @@ def show_image_attributions(images: Tensor, attributions: Mapping[str, Tensor], 
     Each attribution panel is divided by its own largest absolute value, so that every
     panel spans the shared colour bar ("scaled attribution") from -1 (blue: evidence
     against the target) to +1 (red: evidence for it); the methods' raw units differ.
+    The input column is drawn in grey levels from black (0, the background of the digits
+    and the "black" baseline) to white (the image's largest value).
     ``images`` is ``(N, ...)``, reshaped to ``image_shape`` (default: the last two
     dimensions); ``attributions`` maps a method name to a tensor shaped like ``images``.
-    Returns the figure.
+    Method names longer than 12 characters wrap at a space. Returns the figure.
     """
     images = _check_batch(images, "images")
     if not attributions:
@@ -552,7 +605,7 @@ def show_image_attributions(images: Tensor, attributions: Mapping[str, Tensor], 
     n_rows, n_cols = images.shape[0], 1 + len(attributions)
     fig, axes = subplots(n_rows, n_cols, title=title, squeeze=False,
                          figsize=(1.45 * n_cols + 1.0, 1.45 * n_rows + 0.7))
-    columns = [("input", images, "gray_r")] + [(k, v, DIVERGING_CMAP)
+    columns = [("input", images, "gray")] + [(k, v, DIVERGING_CMAP)
                                                  for k, v in attributions.items()]
     for col, (name, values, cmap) in enumerate(columns):
         values = values.detach().to("cpu", torch.float64).numpy()
@@ -564,8 +617,8 @@ def show_image_attributions(images: Tensor, attributions: Mapping[str, Tensor], 
             else:
                 scale = max(np.abs(panel).max(), 1e-12)
                 image = ax.imshow(panel / scale, cmap=cmap, vmin=-1.0, vmax=1.0)
-            if row == 0:
-                ax.set_title(name, fontsize=11)
+            if row == 0:  # long names wrap at a space, so that neighbouring titles keep apart
+                ax.set_title(textwrap.fill(name, 12, break_long_words=False), fontsize=11)
             ax.set_xticks([])
             ax.set_yticks([])
             ax.grid(False)

@@ -10,6 +10,8 @@ implementations agree to the last bits. Captum's ``riemann_trapezoid`` weights s
 times ``(n - 1) / n``.
 """
 
+import copy
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -260,7 +262,8 @@ def test_ig_of_a_function_that_ignores_its_input_is_zero():
     (dict(method="simpson"), ValueError, "method must be one of"),
     (dict(n_steps=0, method="riemann_left"), ValueError, "n_steps must be an int >= 1"),
     (dict(n_steps=1, method="riemann_trapezoid"), ValueError, "n_steps must be an int >= 2"),
-    (dict(n_steps=2.0), ValueError, "n_steps must be"),
+    (dict(n_steps=2.0), TypeError, "n_steps must be an int"),
+    (dict(n_steps=True), TypeError, "n_steps must be an int"),
     (dict(inputs=[[0.0] * 6]), TypeError, "inputs must be a tensor"),
     (dict(inputs=torch.zeros(3, 6, dtype=torch.long)), TypeError, "floating-point"),
     (dict(inputs=torch.zeros(0, 6, dtype=F64)), ValueError, "batch dimension"),
@@ -460,8 +463,17 @@ def test_cascading_randomization_resets_layers_from_the_top(device):
     torch.testing.assert_close(copies[0][1][4].weight, copies[2][1][4].weight, rtol=0, atol=0)
     again = cascading_randomization(net, seed=3)
     torch.testing.assert_close(again[2][1][0].weight, copies[2][1][0].weight, rtol=0, atol=0)
+    # as documented: copy k draws the k-th layer from the top once, with seed + k - 1
+    for k, layer in enumerate(["4", "2", "0"], start=1):
+        fresh = copy.deepcopy(net.get_submodule(layer))
+        torch.manual_seed(3 + k - 1)
+        fresh.reset_parameters()
+        torch.testing.assert_close(copies[k - 1][1].get_submodule(layer).weight, fresh.weight,
+                                   rtol=0, atol=0)
     with pytest.raises(ValueError, match="no layer"):
         cascading_randomization(nn.Sequential(nn.Tanh()))
+    with pytest.raises(TypeError, match="seed must be an int"):
+        cascading_randomization(net, seed=1.5)
 
 
 # --------------------------------------------------------------------------- attention rollout
@@ -496,6 +508,14 @@ def test_attention_rollout_known_cases(device):
     ([torch.ones(1, 1, 2, 2), torch.ones(1, 1, 3, 3)], {}, ValueError, r"attention_maps\[1\]"),
     ([torch.ones(1, 1, 2, 3)], {}, ValueError, r"\(B, n_head, T, T\)"),
     ([torch.ones(1, 1, 2, 2)], dict(residual_weight=1.5), ValueError, "residual_weight"),
+    # wrong types are TypeErrors
+    ([torch.ones(1, 1, 2, 2), "layer 2"], {}, TypeError, r"attention_maps\[1\] must be a"),
+    ([np.ones((1, 1, 2, 2))], {}, TypeError, r"attention_maps\[0\] must be a"),
+    ([torch.ones(1, 1, 2, 2, dtype=torch.long)], {}, TypeError, "floating-point"),
+    ([torch.ones(1, 1, 2, 2)], dict(residual_weight="0.5"), TypeError, "residual_weight must be"),
+    ([torch.ones(1, 1, 2, 2)], dict(residual_weight=True), TypeError, "residual_weight must be"),
+    ([torch.ones(1, 1, 2, 2)], dict(residual_weight=torch.tensor(0.5)), TypeError,
+     "residual_weight must be"),
 ])
 def test_attention_rollout_bad_input(maps, kw, error, match):
     with pytest.raises(error, match=match):
@@ -527,3 +547,77 @@ def test_show_text_attribution_one_cell_per_character():
     assert texts[:4] == ["d", "e", "f", "\u2423"] and "\u21b5" in texts and len(texts) == 22
     with pytest.raises(ValueError, match="one number per character"):
         show_text_attribution("abc", [1.0, 2.0], ax, title="t")
+
+
+# --------------------------------------------------------------------------- input conventions
+
+
+def test_one_feature_per_example_inputs_of_shape_b():
+    # (B,) inputs: one scalar feature per example, F(x) = x^2 returns (N,).
+    x, b = torch.tensor([1.0, -2.0, 3.0], dtype=F64), torch.tensor([0.5], dtype=F64)
+    square = lambda z: z**2  # noqa: E731
+    ours, delta = integrated_gradients(square, x, b, n_steps=8, method="riemann_middle",
+                                       return_convergence_delta=True)
+    # the gradient 2 z is linear along the path, so the midpoint rule is exact
+    torch.testing.assert_close(ours, x**2 - b**2, rtol=0, atol=1e-14)
+    assert delta.shape == (3,) and delta.abs().max().item() < 1e-14
+    curve = perturbation_curve(square, x, torch.ones(3, dtype=F64), baselines=b)
+    torch.testing.assert_close(curve.scores, torch.stack([x**2, (b**2).expand(3)], 1))
+    phi = shapley_values(square, x, b, feature_mask=torch.tensor(0))
+    torch.testing.assert_close(phi, x**2 - b**2, rtol=0, atol=1e-14)
+    # a rank correlation needs at least two features per example: say so, do not crash
+    with pytest.raises(ValueError, match=r"a must have shape \(B, D, ...\)"):
+        rank_correlation(x, x)
+
+
+def test_numpy_numbers_and_index_arrays_are_accepted_like_python_ones():
+    net, x = _mlp(), _data(3)
+    reference = integrated_gradients(net, x, 0.5, [0, 3, 1], n_steps=8)
+    numpy_args = integrated_gradients(net, x, np.float32(0.5), np.array([0, 3, 1]),
+                                      n_steps=np.int64(8))
+    torch.testing.assert_close(numpy_args, reference, rtol=0, atol=0)
+    scalar_target = integrated_gradients(net, x, np.int64(0), np.int32(2), n_steps=8)
+    torch.testing.assert_close(scalar_target, integrated_gradients(net, x, 0, 2, n_steps=8))
+    curve = perturbation_curve(net, x, x, target=np.array([0, 1, 2]),
+                               baselines=np.float64(0.0), n_points=np.int64(3))
+    assert curve.scores.shape == (3, 3)
+    maps = [_attention(1, 2, 4, seed) for seed in (0, 1)]
+    torch.testing.assert_close(attention_rollout(maps, np.float32(0.25)),
+                               attention_rollout(maps, 0.25))
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: integrated_gradients(_mlp(), _data(3), target=np.array([0.0, 1.0, 2.0])),
+     TypeError, "target must hold integer indices"),
+    (lambda: integrated_gradients(_mlp(), _data(3), target=np.array([True, False, True])),
+     TypeError, "target must hold integer indices"),
+    (lambda: integrated_gradients(_mlp(), _data(3), np.zeros((1, 6)), target=0),
+     TypeError, "baselines must be None, a number or a tensor"),
+    (lambda: integrated_gradients(_mlp(), _data(3), np.bool_(True), target=0),
+     TypeError, "baselines must be None, a number or a tensor"),
+    (lambda: perturbation_curve(_mlp(), _data(2), _data(2), 0, n_points=3.0),
+     TypeError, "n_points must be None or an int"),
+    (lambda: perturbation_curve(_mlp(), _data(2), _data(2), 0, n_points=True),
+     TypeError, "n_points must be None or an int"),
+    (lambda: integrated_gradients(_mlp(), _data(3), target=0, n_steps=np.float64(8)),
+     TypeError, "n_steps must be an int"),
+    (lambda: shapley_values(_mlp(), _data(2), target=0, max_groups=5.0,
+                            feature_mask=torch.tensor([0, 0, 1, 1, 2, 2])),
+     TypeError, "max_groups must be an int"),
+])
+def test_numpy_and_python_types_are_rejected_consistently(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_image_panels_draw_zero_as_black_and_wrap_long_titles():
+    # The book calls the all-zero image "black": the input column must draw 0 black.
+    images = torch.rand(1, 1, 8, 8)
+    fig = show_image_attributions(images, {"KernelSHAP 200": torch.randn(1, 1, 8, 8),
+                                           "IG": torch.randn(1, 1, 8, 8)}, title="t")
+    panels = [ax for ax in fig.axes if ax.images]
+    drawn = panels[0].images[0]
+    np.testing.assert_allclose(drawn.to_rgba(0.0)[:3], (0.0, 0.0, 0.0))
+    np.testing.assert_allclose(drawn.to_rgba(float(images.max()))[:3], (1.0, 1.0, 1.0))
+    # long method names break at a space, so that neighbouring column titles keep apart
+    assert [ax.get_title() for ax in panels] == ["input", "KernelSHAP\n200", "IG"]
