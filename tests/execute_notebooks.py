@@ -4,7 +4,8 @@ Usage: ``python tests/execute_notebooks.py [NOTEBOOK ...]`` (default: every note
 under ``book/``). Each notebook runs in a fresh kernel with its own folder as the
 working directory -- exactly as nbval runs it -- and is written back with outputs,
 execution counts 1, 2, 3, ... and no timing metadata, so that a re-run that changes
-nothing leaves the file byte-for-byte identical. Prints the wall time of each.
+nothing leaves every compared output as it was (cells marked ``# NBVAL_IGNORE_OUTPUT``
+print fresh timings). Prints the wall time of each.
 """
 
 from __future__ import annotations
