@@ -116,14 +116,15 @@ def _seconds(t: float) -> str:
 
 
 def format_table(results: list[Result], markdown: bool = False) -> str:
-    """The results as an aligned text table, or a Markdown table."""
-    header = ["benchmark", "chapter", "device", "size", "ours", "reference", "ratio", "throughput"]
+    """The results as an aligned text table, or a Markdown table; the ratio comes first."""
+    header = ["benchmark", "ratio", "ours", "reference", "size", "throughput", "chapter",
+              "device"]
     rows = []
     for r in results:
         throughput = f"{r.work / r.ours_seconds:,.0f} {r.work_unit}/s" if r.work else ""
-        rows.append([r.name, r.chapter, r.device, r.size, _seconds(r.ours_seconds),
-                     f"{_seconds(r.reference_seconds)} ({r.reference_name})",
-                     f"{r.ratio:.2f}x", throughput])
+        rows.append([r.name, f"{r.ratio:.2f}x", _seconds(r.ours_seconds),
+                     f"{_seconds(r.reference_seconds)} ({r.reference_name})", r.size,
+                     throughput, r.chapter, r.device])
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
