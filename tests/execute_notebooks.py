@@ -3,9 +3,10 @@
 Usage: ``python tests/execute_notebooks.py [NOTEBOOK ...]`` (default: every notebook
 under ``book/``). Each notebook runs in a fresh kernel with its own folder as the
 working directory -- exactly as nbval runs it -- and is written back with outputs,
-execution counts 1, 2, 3, ... and no timing metadata, so that a re-run that changes
-nothing leaves every compared output as it was (cells marked ``# NBVAL_IGNORE_OUTPUT``
-print fresh timings). Prints the wall time of each.
+execution counts 1, 2, 3, ..., no timing metadata, and consecutive prints of a cell
+merged into one stream output (how the kernel splits them depends on flush timing), so
+that a re-run that changes nothing leaves every compared output as it was (cells marked
+``# NBVAL_IGNORE_OUTPUT`` print fresh timings). Prints the wall time of each.
 """
 
 from __future__ import annotations
@@ -25,6 +26,19 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ["OMP_NUM_THREADS"] = "1"
 
 
+def merge_streams(outputs: list) -> list:
+    """Join consecutive stream outputs of the same name (stdout, stderr) into one."""
+    merged = []
+    for out in outputs:
+        previous = merged[-1] if merged else None
+        if (out.output_type == "stream" and previous is not None
+                and previous.output_type == "stream" and previous.name == out.name):
+            previous.text += out.text
+        else:
+            merged.append(out)
+    return merged
+
+
 def execute(path: Path) -> float:
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=600, kernel_name="python3", record_timing=False,
@@ -34,6 +48,8 @@ def execute(path: Path) -> float:
     seconds = time.perf_counter() - start
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
+        if cell.cell_type == "code":
+            cell.outputs = merge_streams(cell.outputs)
     nb.metadata.pop("widgets", None)
     nbformat.write(nb, path)
     return seconds

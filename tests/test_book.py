@@ -98,6 +98,9 @@ def test_outputs_are_clean(notebook):
             assert not re.search(r"/(root|home|tmp|work|Users)/", text), (
                 f"{path.name} code cell {i}: absolute path in output")
             assert not re.search(r"0x[0-9a-f]{8,}", text), f"{path.name} cell {i}: memory address"
+        kinds = [(o["output_type"], o.get("name")) for o in cell["outputs"]]
+        assert all(a != b or a[0] != "stream" for a, b in zip(kinds, kinds[1:])), (
+            f"{path.name} code cell {i}: consecutive stream outputs; run `make notebooks`")
 
 
 def test_claims_are_asserted_and_exercises_have_checked_solutions(notebook):
@@ -135,3 +138,18 @@ def test_notebooks_do_not_redefine_the_package(notebook):
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
                 assert node.name not in package, (
                     f"{path.name} defines {node.name}, which companion already has")
+
+
+def test_make_notebooks_merges_consecutive_streams():
+    import nbformat
+    from execute_notebooks import merge_streams
+
+    out = nbformat.v4.new_output
+    outputs = [out("stream", name="stdout", text="a\n"), out("stream", name="stdout", text="b\n"),
+               out("stream", name="stderr", text="w\n"), out("stream", name="stdout", text="c\n"),
+               out("execute_result", data={"text/plain": "1"}),
+               out("stream", name="stdout", text="d\n")]
+    merged = merge_streams(outputs)
+    assert [(o.output_type, o.get("name"), o.get("text")) for o in merged] == [
+        ("stream", "stdout", "a\nb\n"), ("stream", "stderr", "w\n"), ("stream", "stdout", "c\n"),
+        ("execute_result", None, None), ("stream", "stdout", "d\n")]
