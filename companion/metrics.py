@@ -939,7 +939,8 @@ def perplexity(mean_cross_entropy, *, base=math.e) -> float:
 class BootstrapResult:
     """A metric's value and its bootstrap confidence interval (:func:`bootstrap_ci`).
 
-    ``distribution`` holds the metric on each resample, a ``(n_resamples,)`` tensor.
+    ``distribution`` holds the metric on each resample, a ``(n_resamples,)`` tensor on
+    the inputs' device.
     """
 
     estimate: float
@@ -995,4 +996,4 @@ def bootstrap_ci(metric: Callable[..., float], *arrays, n_resamples: int = 1000,
     low, high = torch.quantile(distribution, torch.tensor([alpha / 2, 1 - alpha / 2],
                                                           dtype=torch.float64))
     return BootstrapResult(float(metric(*tensors)), float(low), float(high), confidence_level,
-                           distribution)
+                           distribution.to(device, _float(device)))

@@ -158,6 +158,35 @@ def test_ig_matches_captum(method, batch, target, baselines, device):
     torch.testing.assert_close(theirs.sum(1), ours_sum, rtol=0, atol=1e-6 * scale)
 
 
+def _random_mlp(seed):
+    """A random MLP (depth, widths, activation, input and output sizes drawn from seed)."""
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda low, high: int(torch.randint(low, high, (1,), generator=g))  # noqa: E731
+    sizes = [draw(2, 12)] + [draw(4, 48) for _ in range(draw(1, 4))] + [draw(2, 7)]
+    activation = [nn.Tanh, nn.GELU, nn.Softplus, nn.ReLU, nn.SiLU][seed % 5]
+    layers = []
+    for n_in, n_out in zip(sizes, sizes[1:]):
+        layers += [nn.Linear(n_in, n_out), activation()]
+    torch.manual_seed(seed)
+    net = nn.Sequential(*layers[:-1]).to(F64).eval()
+    batch = draw(1, 9)
+    x = 3 * torch.randn(batch, sizes[0], generator=g, dtype=F64)
+    baselines = torch.randn(batch, sizes[0], generator=g, dtype=F64)
+    target = torch.randint(sizes[-1], (batch,), generator=g)
+    return net, x, baselines, target
+
+
+@pytest.mark.parametrize("method", QUADRATURE_METHODS)
+@pytest.mark.parametrize("seed", range(10))
+def test_ig_matches_captum_on_random_mlps(method, seed):
+    net, x, baselines, target = _random_mlp(seed)
+    n_steps = 20 + 7 * seed
+    ours = integrated_gradients(net, x, baselines, target, n_steps, method)
+    theirs, _ = _captum_ig(net, x, baselines, target, n_steps, method)
+    torch.testing.assert_close(ours * _captum_scale(method, n_steps), theirs,
+                               rtol=0, atol=1e-6 * ours.abs().max().item())
+
+
 @pytest.mark.parametrize("method", ["riemann_left", "riemann_right", "riemann_middle",
                                     "riemann_trapezoid"])
 def test_ig_equals_captum_to_the_last_bits_when_its_nodes_are_exact(method, float64_default):

@@ -496,7 +496,8 @@ def test_bootstrap_matches_resampling_by_hand(device):
     assert result.low == pytest.approx(low, rel=1e-12)
     assert result.high == pytest.approx(high, rel=1e-12)
     assert result.estimate == pytest.approx(skm.roc_auc_score(y, s), rel=1e-12)
-    np.testing.assert_allclose(result.distribution.numpy(), values, rtol=1e-12)
+    assert result.distribution.device.type == device.type
+    np.testing.assert_allclose(result.distribution.cpu().numpy(), values, rtol=1e-12)
     assert result.standard_error == pytest.approx(np.std(values, ddof=1), rel=1e-10)
 
 
