@@ -6,6 +6,11 @@
   oversubscribe the cores and spin, which slows small models tenfold. `make notebooks`
   stores outputs with the same setting, so stored and fresh outputs come from the same
   arithmetic however pytest is invoked (`pytest`, `pytest book/`, one notebook).
+* The stored outputs were produced on the CPU with ``PYTHONHASHSEED=0``. Both are set
+  here as defaults for the notebook kernels (the Makefile sets them too), so that a
+  plain ``pytest`` on a machine with a GPU still compares CPU results with CPU results.
+  An explicit ``COMPANION_DEVICE=cuda pytest book/`` runs the notebooks on the GPU, where
+  the printed digits of trained models may differ from the stored ones.
 * After the run, the terminal summary lists how long each notebook took under nbval
   (kernel start included), slowest first: the book's budget is 60 s per notebook on a
   2-core CPU. It is a report, not a test: timings vary by machine.
@@ -17,6 +22,8 @@ import os
 from collections import defaultdict
 
 os.environ["OMP_NUM_THREADS"] = "1"
+os.environ.setdefault("COMPANION_DEVICE", "cpu")
+os.environ.setdefault("PYTHONHASHSEED", "0")
 
 _notebook_seconds: dict[str, float] = defaultdict(float)
 

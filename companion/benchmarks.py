@@ -115,13 +115,22 @@ def _seconds(t: float) -> str:
     return f"{t * 1e9:.3g} ns"
 
 
+def _rate(per_second: float) -> str:
+    """A throughput with three significant digits and an SI prefix: 8.74K, 206M."""
+    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if per_second >= scale:
+            return f"{per_second / scale:.3g}{prefix}"
+    return f"{per_second:.3g}"
+
+
 def format_table(results: list[Result], markdown: bool = False) -> str:
     """The results as an aligned text table, or a Markdown table; the ratio comes first."""
-    header = ["benchmark", "ratio", "ours", "reference", "size", "throughput", "chapter",
-              "device"]
+    header = ["benchmark", "ratio", "ours", "reference", "size",
+              "throughput (ours / reference)", "chapter", "device"]
     rows = []
     for r in results:
-        throughput = f"{r.work / r.ours_seconds:,.0f} {r.work_unit}/s" if r.work else ""
+        throughput = (f"{_rate(r.work / r.ours_seconds)} / {_rate(r.work / r.reference_seconds)} "
+                      f"{r.work_unit}/s" if r.work else "")
         rows.append([r.name, f"{r.ratio:.2f}x", _seconds(r.ours_seconds),
                      f"{_seconds(r.reference_seconds)} ({r.reference_name})", r.size,
                      throughput, r.chapter, r.device])

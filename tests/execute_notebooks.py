@@ -22,8 +22,11 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# The kernels inherit this: one CPU thread, exactly as under `make test` (conftest.py).
+# The kernels inherit these: one CPU thread, the CPU, a fixed hash seed -- exactly as
+# under `make test` (conftest.py).
 os.environ["OMP_NUM_THREADS"] = "1"
+os.environ.setdefault("COMPANION_DEVICE", "cpu")
+os.environ.setdefault("PYTHONHASHSEED", "0")
 
 
 def merge_streams(outputs: list) -> list:

@@ -59,3 +59,11 @@ def test_command_line(fake_row, capsys):
         torch.set_num_threads(threads)
     with pytest.raises(SystemExit):
         benchmarks.main(["--threads", "0"])
+
+
+def test_table_shows_both_throughputs_with_si_prefixes():
+    result = benchmarks.Result("row", "1", "cpu", "n=1", "ref", ours_seconds=2e-3,
+                               reference_seconds=1e-3, work=1.5e6, work_unit="tokens")
+    row = benchmarks.format_table([result], markdown=True).splitlines()[2]
+    assert "| 2.00x |" in row and "| 750M / 1.5G tokens/s |" in row
+    assert benchmarks._rate(999.0) == "999" and benchmarks._rate(8739.2) == "8.74K"
