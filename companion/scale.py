@@ -325,7 +325,9 @@ def training_time_seconds(flops, peak_flops_per_second, utilization, n_devices=1
 
     ``utilization`` is the model FLOPs utilisation (MFU): the fraction of the
     accelerators' peak that the training run turns into model FLOPs
-    :cite:p:`chowdhery2022palm`; well-tuned large runs reach about 0.4 to 0.55.
+    :cite:p:`chowdhery2022palm`. Well-tuned large runs reach about 0.4 to 0.55: 0.462
+    for PaLM, 0.552 for MegaScale's 175B-parameter run on 12,288 GPUs
+    :cite:p:`jiang2024megascale`.
     """
     _check_number("flops", flops)
     _check_number("peak_flops_per_second", peak_flops_per_second)

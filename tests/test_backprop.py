@@ -214,6 +214,115 @@ def test_mse_matches_torch(device):
     _assert_loss_matches(bp.MSELoss, F.mse_loss, pred, target)
 
 
+# --------------------------------------------------------------------------- loss gradients
+# Central differences need nothing but the forward pass, so they referee the losses'
+# hand-written backward independently of autograd. Their error is O(eps^2) from truncation
+# plus the rounding of L and of x + eps, about u (|L| + |x|) / eps with u the unit roundoff
+# of float64. Each case's eps keeps the truncation below that, and the tolerance is ten
+# times it: 1e-9 to 2e-7 for the cases below (the largest where L is about 100).
+
+U64 = torch.finfo(DTYPE).eps / 2
+
+
+def _backward_and_finite_differences(loss_fn, prediction, target, eps=1e-6, scale=1.0):
+    """``loss_fn.backward(scale)``, central differences of ``scale * L``, and the tolerance."""
+    loss = loss_fn(prediction, target).item()
+    analytic = loss_fn.backward(scale)  # before the evaluations below overwrite its state
+    numeric = gradcheck.numerical_gradient(lambda v: scale * loss_fn(v, target), prediction,
+                                           eps)
+    rounding = U64 * abs(scale) * (abs(loss) + prediction.abs().max().item()) / eps
+    return analytic, numeric, 10 * rounding
+
+
+def _on(device, case):
+    return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in case)
+
+
+def _softmax_cross_entropy_cases():
+    """(logits, target, eps): random, a batch of 1, one-hot extremes, huge logits."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 5, dtype=DTYPE, generator=g)
+    labels = torch.randint(0, 5, (7,), generator=g)
+    soft = torch.softmax(torch.randn(7, 5, dtype=DTYPE, generator=g), 1)
+    # right with certainty, wrong with certainty (twice), undecided: p rounds to 0 or 1
+    extreme = torch.tensor([[40.0, 0, 0], [0, 40.0, 0], [0, 0, -40.0], [0, 0, 0]], dtype=DTYPE)
+    extreme_labels = torch.tensor([0, 2, 2, 1])
+    huge = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 1e4, 0.0], [1e4, 1e4, -1e4]], dtype=DTYPE)
+    return {
+        "random, labels": (logits, labels, 1e-6),
+        "random, probabilities": (logits, soft, 1e-6),
+        "batch of 1": (logits[:1], labels[:1], 1e-6),
+        "batch of 1, one class": (logits[:1, :1], torch.tensor([0]), 1e-6),
+        "one-hot extremes, labels": (extreme, extreme_labels, 1e-6),
+        "one-hot extremes, one-hot rows": (
+            extreme, F.one_hot(extreme_labels, 3).to(DTYPE), 1e-6),
+        "one-hot extremes, zero target entries": (  # none on the most likely class
+            extreme, torch.tensor([[0, 0.5, 0.5], [1, 0, 0], [0.25, 0, 0.75], [0, 0, 1]],
+                                  dtype=DTYPE), 1e-6),
+        # logits near 1e3, where float64 numbers lie 1.1e-13 apart: a larger step
+        "logits shifted by 1e3": (logits + 1e3, labels, 1e-4),
+        # logits of 1e4: each row is saturated (L linear in the logits there) or a tie,
+        # L = softplus(z0 - z1) at 0, whose odd derivatives above the first vanish: a
+        # large step adds no truncation error
+        "huge logits": (huge, torch.tensor([0, 0, 1]), 1e-2),
+    }
+
+
+SOFTMAX_CASES = _softmax_cross_entropy_cases()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("case", list(SOFTMAX_CASES))
+def test_softmax_cross_entropy_backward_matches_finite_differences(case, reduction, device):
+    logits, target, eps = _on(device, SOFTMAX_CASES[case])
+    analytic, numeric, tolerance = _backward_and_finite_differences(
+        bp.SoftmaxCrossEntropy(reduction), logits, target, eps)
+    assert torch.isfinite(analytic).all() and tolerance < 2e-7
+    torch.testing.assert_close(analytic, numeric, rtol=0, atol=tolerance)
+    # each row's gradient sums to zero: the loss does not change when a row's logits shift
+    torch.testing.assert_close(analytic.sum(dim=1), torch.zeros_like(analytic[:, 0]),
+                               rtol=0, atol=1e-12)
+
+
+def _mse_cases():
+    """(prediction, target, eps): random, a batch of 1, a perfect fit, large errors."""
+    g = torch.Generator().manual_seed(0)
+    prediction, target = torch.randn(2, 6, 3, dtype=DTYPE, generator=g)
+    return {
+        "random": (prediction, target, 1e-6),
+        "batch of 1": (prediction[:1], target[:1], 1e-6),
+        "one element": (prediction[0, :1], target[0, :1], 1e-6),
+        "perfect fit": (target, target.clone(), 1e-6),  # the gradient is exactly zero
+        # errors of 1e3 and L of 1e6: a quadratic's central difference is exact at any
+        # step, so eps = 1 leaves only the rounding
+        "large errors": (1e3 * prediction, target, 1.0),
+    }
+
+
+MSE_CASES = _mse_cases()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("case", list(MSE_CASES))
+def test_mse_backward_matches_finite_differences(case, reduction, device):
+    prediction, target, eps = _on(device, MSE_CASES[case])
+    analytic, numeric, tolerance = _backward_and_finite_differences(
+        bp.MSELoss(reduction), prediction, target, eps)
+    assert analytic.shape == prediction.shape and tolerance < 1e-7
+    torch.testing.assert_close(analytic, numeric, rtol=0, atol=tolerance)
+    if case == "perfect fit":
+        assert torch.equal(analytic, torch.zeros_like(analytic))
+
+
+@pytest.mark.parametrize("loss_fn, cases", [(bp.SoftmaxCrossEntropy, SOFTMAX_CASES),
+                                            (bp.MSELoss, MSE_CASES)])
+def test_loss_backward_scales_with_grad_output(loss_fn, cases, device):
+    prediction, target, _ = _on(device, cases["batch of 1"])
+    analytic, numeric, tolerance = _backward_and_finite_differences(
+        loss_fn(), prediction, target, scale=-2.5)
+    torch.testing.assert_close(analytic, numeric, rtol=0, atol=tolerance)
+
+
 def test_mlp_gradients_match_torch_nn_and_autograd(device):
     torch.manual_seed(0)
     mlp = bp.MLP([10, 16, 12, 4], "tanh", batchnorm=True, device=device, dtype=DTYPE)
