@@ -4,8 +4,10 @@ Each optimizer is a ``torch.optim.Optimizer`` subclass with PyTorch's argument n
 defaults: its state lives in ``self.state`` under PyTorch's keys (``momentum_buffer``,
 ``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), so that ``state_dict()`` and
 ``load_state_dict()`` work -- even across the two libraries -- and parameters whose
-``.grad`` is ``None`` are skipped. The unit tests check that parameters and every state
-tensor agree with ``torch.optim`` to 1e-12 relative in float64 over hundreds of steps.
+``.grad`` is ``None`` are skipped. As in PyTorch, ``lr`` may also be a 0-dim tensor, and
+Adam treats a complex parameter as a pair of real ones. The unit tests check that
+parameters and every state tensor agree with ``torch.optim`` to 1e-12 relative in float64
+(and complex128) over hundreds of steps.
 
 Each update exists twice, as in PyTorch:
 
@@ -195,8 +197,29 @@ def _at_least_zero(name: str, value) -> None:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
 
 
+def _check_lr(lr) -> None:
+    """``lr`` must be a real number >= 0 or, as ``torch.optim`` allows, a 0-dim tensor.
+
+    A tensor ``lr`` can be changed in place between steps (``lr.fill_(...)``), and each
+    step reads its current value. It must be a 0-dim floating-point tensor:
+    ``torch.tensor(1e-3)``.
+    """
+    if isinstance(lr, torch.Tensor):
+        if not lr.is_floating_point():
+            raise TypeError(f"lr must be a real number or a 0-dim floating-point tensor, "
+                            f"got a tensor of dtype {lr.dtype}")
+        if lr.dim() != 0:
+            raise ValueError(f"lr as a tensor must be 0-dim, e.g. torch.tensor(1e-3), got "
+                             f"shape {tuple(lr.shape)}")
+        if not lr.item() >= 0.0:  # also rejects NaN
+            raise ValueError(f"lr must be >= 0, got {lr!r}")
+        return
+    _at_least_zero("lr", lr)
+
+
 def _check_sgd_group(group: dict) -> None:
-    for name in ("lr", "momentum", "weight_decay"):
+    _check_lr(group["lr"])
+    for name in ("momentum", "weight_decay"):
         _at_least_zero(name, group[name])
     _real("dampening", group["dampening"])
     if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
@@ -205,7 +228,8 @@ def _check_sgd_group(group: dict) -> None:
 
 
 def _check_adam_group(group: dict) -> None:
-    for name in ("lr", "eps", "weight_decay"):
+    _check_lr(group["lr"])
+    for name in ("eps", "weight_decay"):
         _at_least_zero(name, group[name])
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -241,9 +265,9 @@ def _closure_loss(closure):
 
 
 def sgd_single_tensor(params: list[torch.Tensor], grads: list[torch.Tensor],
-                      momentum_buffers: list[torch.Tensor | None], *, lr: float,
-                      momentum: float, dampening: float, weight_decay: float,
-                      nesterov: bool) -> None:
+                      momentum_buffers: list[torch.Tensor | None], *,
+                      lr: float | torch.Tensor, momentum: float, dampening: float,
+                      weight_decay: float, nesterov: bool) -> None:
     """One SGD step, parameter by parameter (see :class:`SGD` for the equations).
 
     Updates ``params`` in place; fills the ``None`` entries of ``momentum_buffers``.
@@ -262,8 +286,9 @@ def sgd_single_tensor(params: list[torch.Tensor], grads: list[torch.Tensor],
 
 
 def sgd_foreach(params: list[torch.Tensor], grads: list[torch.Tensor],
-                momentum_buffers: list[torch.Tensor | None], *, lr: float, momentum: float,
-                dampening: float, weight_decay: float, nesterov: bool) -> None:
+                momentum_buffers: list[torch.Tensor | None], *, lr: float | torch.Tensor,
+                momentum: float, dampening: float, weight_decay: float,
+                nesterov: bool) -> None:
     """:func:`sgd_single_tensor` on whole lists of tensors with ``torch._foreach_*``.
 
     All tensors must share one device and dtype. Unlike PyTorch's foreach SGD, this
@@ -318,15 +343,16 @@ class SGD(Optimizer):
     params:
         Parameters or parameter groups (dicts), as for any ``torch.optim.Optimizer``.
     lr, momentum, dampening, weight_decay, nesterov:
-        As in ``torch.optim.SGD`` (same defaults). ``weight_decay`` adds
-        :math:`\lambda\theta` to the gradient: the gradient of an L2 penalty
-        :math:`\tfrac{\lambda}{2}\lVert\theta\rVert^2`.
+        As in ``torch.optim.SGD`` (same defaults; ``lr`` a float or a 0-dim tensor).
+        ``weight_decay`` adds :math:`\lambda\theta` to the gradient: the gradient of an
+        L2 penalty :math:`\tfrac{\lambda}{2}\lVert\theta\rVert^2`.
     foreach:
         ``True`` (default): :func:`sgd_foreach`; ``False``: :func:`sgd_single_tensor`.
     """
 
-    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False, *, foreach: bool = True):
+    def __init__(self, params, lr: float | torch.Tensor = 1e-3, momentum: float = 0.0,
+                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
+                 foreach: bool = True):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, foreach=foreach)
         super().__init__(params, defaults)
@@ -356,17 +382,35 @@ class SGD(Optimizer):
 # =========================================================================== Adam and AdamW
 
 
+def _as_real(*lists: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Each list with its complex tensors viewed as real ones (``torch.view_as_real``).
+
+    Adam's second moment averages *squared* gradients, and for a complex gradient
+    :math:`g = a + ib` the product ``g * g`` is :math:`a^2 - b^2 + 2iab`, not
+    :math:`|g|^2 = a^2 + b^2`. Like ``torch.optim``, we treat a complex parameter as a
+    pair of real ones -- its real and imaginary parts, each with its own :math:`m` and
+    :math:`v` -- by updating real views ``(..., 2)`` that share the complex tensors'
+    memory. (PyTorch's single-tensor Adam adds the L2 weight-decay term before it takes
+    the views, we after: the two can differ in the last bit.)
+    """
+    return [[torch.view_as_real(t) if t.is_complex() else t for t in tensors]
+            for tensors in lists]
+
+
 def adam_single_tensor(params: list[torch.Tensor], grads: list[torch.Tensor],
                        exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
                        max_exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], *,
-                       lr: float, beta1: float, beta2: float, eps: float,
+                       lr: float | torch.Tensor, beta1: float, beta2: float, eps: float,
                        weight_decay: float, amsgrad: bool, decoupled_weight_decay: bool,
                        epsilon_hat: bool = False) -> None:
     """One Adam/AdamW step, parameter by parameter (see :class:`Adam` for the equations).
 
     Updates ``params``, ``exp_avgs`` (m), ``exp_avg_sqs`` (v), ``max_exp_avg_sqs`` (only
-    read when ``amsgrad``) and the step counters ``steps`` in place.
+    read when ``amsgrad``) and the step counters ``steps`` in place. Complex tensors are
+    updated as pairs of reals (:func:`_as_real`).
     """
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = _as_real(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
     for i, (param, g) in enumerate(zip(params, grads, strict=True)):
         m, v = exp_avgs[i], exp_avg_sqs[i]
         steps[i] += 1
@@ -396,8 +440,11 @@ def adam_foreach(params: list[torch.Tensor], grads: list[torch.Tensor],
                  epsilon_hat: bool = False) -> None:
     """:func:`adam_single_tensor` on whole lists of tensors with ``torch._foreach_*``.
 
-    All tensors of one list must share a device and dtype (``steps`` are CPU scalars).
+    All tensors of one list must share a device and dtype (``steps`` are CPU scalars);
+    ``lr`` must be a float. Complex tensors are updated as pairs of reals (:func:`_as_real`).
     """
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = _as_real(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
     torch._foreach_add_(steps, 1.0)
     if weight_decay != 0:
         if decoupled_weight_decay:
@@ -438,6 +485,9 @@ class Adam(Optimizer):
         \theta_t &\leftarrow \theta_{t-1} - \gamma\, \hat m_t / (\sqrt{\hat v_t} + \epsilon)
 
     AMSGrad :cite:p:`reddi2018convergence` replaces :math:`v_t` by its running maximum.
+    A complex parameter is treated, as in PyTorch, as a pair of real ones (its real and
+    imaginary parts), so that :math:`g_t^2` is the square of each part, never the complex
+    square (:func:`_as_real`).
     :math:`m_t` is computed as ``m.lerp_(g, 1 - beta1)``, :math:`m + (1-\beta_1)(g - m)`,
     which is the same average rounded as PyTorch rounds it. State per parameter:
     ``step`` (a float CPU scalar, as in PyTorch), ``exp_avg`` (:math:`m`),
@@ -449,9 +499,12 @@ class Adam(Optimizer):
     params:
         Parameters or parameter groups (dicts).
     lr, betas, eps, weight_decay, amsgrad:
-        As in ``torch.optim.Adam`` (same defaults).
+        As in ``torch.optim.Adam`` (same defaults; ``lr`` a float or a 0-dim tensor).
     foreach:
         ``True`` (default): :func:`adam_foreach`; ``False``: :func:`adam_single_tensor`.
+        A group whose ``lr`` is a tensor takes the single-tensor path, as
+        ``torch.optim.Adam`` does by default (its foreach path takes a tensor ``lr`` only
+        with ``capturable=True``).
     epsilon_hat:
         ``False`` (default, PyTorch and the paper's Algorithm 1): :math:`\epsilon` is added
         to :math:`\sqrt{\hat v_t}`. ``True``: the paper's "epsilon hat" form (end of its
@@ -463,9 +516,10 @@ class Adam(Optimizer):
     #: Whether weight decay is decoupled (AdamW) rather than an L2 term in the gradient.
     decoupled_weight_decay = False
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
-                 foreach: bool = True, epsilon_hat: bool = False):
+    def __init__(self, params, lr: float | torch.Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, amsgrad: bool = False, *, foreach: bool = True,
+                 epsilon_hat: bool = False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, foreach=foreach, epsilon_hat=epsilon_hat)
         super().__init__(params, defaults)
@@ -490,7 +544,8 @@ class Adam(Optimizer):
         """Update every parameter that has a gradient; returns ``closure()`` if given."""
         loss = _closure_loss(closure)
         for group in self.param_groups:
-            update = adam_foreach if group["foreach"] else adam_single_tensor
+            foreach = group["foreach"] and not torch.is_tensor(group["lr"])
+            update = adam_foreach if foreach else adam_single_tensor
             beta1, beta2 = group["betas"]
             for params in _buckets(group):
                 states = [self._state_of(p, group["amsgrad"]) for p in params]
@@ -519,9 +574,10 @@ class AdamW(Adam):
 
     decoupled_weight_decay = True
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
-                 foreach: bool = True, epsilon_hat: bool = False):
+    def __init__(self, params, lr: float | torch.Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, foreach: bool = True,
+                 epsilon_hat: bool = False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          epsilon_hat=epsilon_hat)
 

@@ -40,7 +40,7 @@ import torch
 
 from companion.data import CharCorpus
 from companion.device import get_device, seed_everything
-from companion.optim import warmup_cosine_schedule
+from companion.optim import AdamW, warmup_cosine_schedule
 from companion.train import fixed_windows, language_model_loss, train_language_model
 from companion.transformer import GPT, GPTConfig
 
@@ -50,7 +50,8 @@ CHECKPOINT = Path(__file__).resolve().parent / "assets" / "gpt_pydoc_char.pt"
 #: Model size (``vocab_size`` comes from the corpus).
 CONFIG = {"block_size": 128, "n_layer": 4, "n_head": 4, "n_embd": 128, "dropout": 0.1}
 
-#: The training settings (AdamW with weight decay on matrices only; warm-up, then cosine).
+#: The training settings (chapter 3's :class:`~companion.optim.AdamW`, with weight decay on
+#: matrices only; warm-up, then cosine).
 TRAINING = {"seed": 0, "steps": 2500, "batch_size": 32, "learning_rate": 2e-3,
             "warmup_steps": 100, "weight_decay": 0.1, "betas": (0.9, 0.99), "grad_clip": 1.0}
 
@@ -76,9 +77,9 @@ def train_pretrained(steps: int = TRAINING["steps"], device=None, log=print):
     model = GPT(GPTConfig(vocab_size=corpus.vocab_size, **CONFIG)).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t["weight_decay"]},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=t["learning_rate"], betas=t["betas"])
+    optimizer = AdamW([{"params": decay, "weight_decay": t["weight_decay"]},
+                       {"params": no_decay, "weight_decay": 0.0}],
+                      lr=t["learning_rate"], betas=t["betas"])
     scheduler = warmup_cosine_schedule(optimizer, min(t["warmup_steps"], steps // 10), steps,
                                        min_lr_ratio=0.1)
     generator = torch.Generator().manual_seed(t["seed"])

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from companion import pretrained
 from companion.data import CharCorpus, SortingTask
+from companion.optim import AdamW
 from companion.train import (
     default_autocast_dtype,
     exact_match_accuracy,
@@ -201,9 +202,10 @@ def test_float16_training_scales_the_loss_and_clips_unscaled_gradients(monkeypat
 
 
 def test_training_learns_the_sorting_task(device):
+    """The book's loop with the book's optimizer (chapter 4), on the GPU when there is one."""
     task = SortingTask(length=4, num_values=5)
     model = _tiny_gpt(task.vocab_size, task.block_size, dtype=torch.float32).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     eval_batches = {s: task.sample(256, torch.Generator().manual_seed(i), device)
                     for i, s in enumerate(("train", "val"))}

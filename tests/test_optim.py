@@ -1,9 +1,9 @@
 """companion.optim against torch.optim (the oracle), and the chapter's helpers.
 
 Two identical models, one driven by our optimizer and one by PyTorch's, see the same
-mini-batches; parameters and every state tensor must agree to 1e-12 relative in float64
-(to a float32 tolerance in float32) after 200 steps, for every option combination and
-both code paths (foreach and single-tensor).
+mini-batches; parameters and every state tensor must agree to 1e-12 relative in float64,
+1e-15 in complex128 (to a float32 tolerance in float32) after 200 steps, for every option
+combination and both code paths (foreach and single-tensor); with a tensor lr, bit for bit.
 """
 
 import copy
@@ -129,6 +129,102 @@ def test_sgd_matches_torch_float64(device, options, foreach):
 def test_adam_and_adamw_match_torch_float64(device, cls, options, foreach):
     _check_against_torch(cls, device, torch.float64, foreach, lr=0.01, betas=(0.8, 0.99),
                          eps=1e-6, **options)
+
+
+# A complex parameter is a pair of real ones (torch.optim's convention): the second moment
+# averages the square of each part, not the complex square g * g.
+
+
+def _complex_problem(seed=0):
+    """Complex least squares with one real parameter beside the complex ones."""
+    g = torch.Generator().manual_seed(seed)
+    weight = nn.Parameter(torch.randn(3, 4, dtype=torch.complex128, generator=g))
+    bias = nn.Parameter(torch.randn(3, dtype=torch.complex128, generator=g))
+    gain = nn.Parameter(torch.ones(1, dtype=torch.float64))  # real: its own foreach bucket
+    return nn.ParameterList([weight, bias, gain])
+
+
+def _train_complex(params, optimizer, steps=200):
+    weight, bias, gain = params
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(16, 4, dtype=torch.complex128, generator=g)
+        y = torch.randn(16, 3, dtype=torch.complex128, generator=g)
+        optimizer.zero_grad()
+        (gain * (x @ weight.T + bias) - y).abs().square().mean().backward()
+        optimizer.step()
+
+
+def _check_complex_against_torch(cls, foreach, rtol, **hyper):
+    params, ref_params = _complex_problem(), _complex_problem()
+    opt = cls(params, foreach=foreach, **hyper)
+    ref_opt = ORACLE[cls](ref_params, foreach=foreach, **hyper)
+    _train_complex(params, opt)
+    _train_complex(ref_params, ref_opt)
+    _assert_same(params, ref_params, opt, ref_opt, rtol)
+    state = {k: v for k, v in opt.state[params[0]].items() if k != "step"}
+    assert all(v.is_complex() for v in state.values())  # kept complex, as in torch
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single"])
+@pytest.mark.parametrize("options", ADAM_OPTIONS, ids=_ids(ADAM_OPTIONS))
+@pytest.mark.parametrize("cls", [Adam, AdamW])
+def test_adam_and_adamw_match_torch_complex128(cls, options, foreach):
+    """To 1e-15: torch's single-tensor Adam adds the L2 term in complex arithmetic before
+    viewing the tensors as real, ours after, which can round the last bit differently."""
+    _check_complex_against_torch(cls, foreach, 1e-15, lr=0.01, betas=(0.8, 0.99), eps=1e-6,
+                                 **options)
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single"])
+@pytest.mark.parametrize("options", [dict(), dict(momentum=0.9, weight_decay=0.05),
+                                     dict(momentum=0.9, nesterov=True)],
+                         ids=["plain", "momentum-decay", "nesterov"])
+def test_sgd_matches_torch_complex128(options, foreach):
+    """SGD is linear in the gradient, so complex arithmetic is already per part."""
+    _check_complex_against_torch(SGD, foreach, 1e-15, lr=0.01, **options)
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single"])
+def test_adam_second_moment_of_a_complex_gradient_squares_each_part(foreach):
+    param = nn.Parameter(torch.zeros(2, dtype=torch.complex128))
+    param.grad = torch.tensor([3 + 4j, -1 + 2j], dtype=torch.complex128)
+    opt = Adam([param], lr=0.1, betas=(0.9, 0.99), eps=0.0, foreach=foreach)
+    opt.step()
+    v = opt.state[param]["exp_avg_sq"]
+    expected = 0.01 * (torch.view_as_real(param.grad) ** 2)  # (1 - beta2) (re^2, im^2)
+    torch.testing.assert_close(torch.view_as_real(v), expected, rtol=1e-15, atol=0)
+    # the first step moves each part by lr against its sign, as for a real parameter
+    torch.testing.assert_close(param.detach(), torch.tensor([-0.1 - 0.1j, 0.1 - 0.1j],
+                                                            dtype=torch.complex128))
+
+
+# A 0-dim tensor lr, as torch.optim accepts it (e.g. to change it in place between steps).
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single"])
+@pytest.mark.parametrize("lr_dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("cls, hyper", [
+    (SGD, dict(momentum=0.9, weight_decay=0.05)),
+    (Adam, dict(weight_decay=0.05, amsgrad=True)),
+    (AdamW, dict(weight_decay=0.1)),
+], ids=["sgd", "adam", "adamw"])
+def test_tensor_lr_matches_torch_bit_for_bit(cls, hyper, lr_dtype, foreach):
+    """Against torch's single-tensor path, which its default takes for a tensor lr
+    (explicit foreach=True with a tensor lr is an error in torch.optim.Adam)."""
+    models, opts, schedules = [], [], []
+    for opt_cls, extra in ((cls, dict(foreach=foreach)), (ORACLE[cls], dict(foreach=False))):
+        models.append(_model("cpu", torch.float64))
+        opts.append(opt_cls(models[-1].parameters(), lr=torch.tensor(0.01, dtype=lr_dtype),
+                            **hyper, **extra))
+        schedules.append(warmup_cosine_schedule(opts[-1], 10, 100))  # changes lr in place
+    for model, opt, schedule in zip(models, opts, schedules, strict=True):
+        _train(model, opt, _batches(100, "cpu", torch.float64), schedule)
+    assert torch.is_tensor(opts[0].param_groups[0]["lr"])
+    assert opts[0].param_groups[0]["lr"].item() == opts[1].param_groups[0]["lr"].item()
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(p, q)
+    _assert_same(models[0], models[1], opts[0], opts[1], 0.0)
 
 
 def _defaults(cls):
@@ -363,6 +459,10 @@ def test_bad_hyperparameters_raise_value_error_like_torch(cls, hyper, name):
 @pytest.mark.parametrize("cls, hyper, error, match", [
     (SGD, dict(lr="0.1"), TypeError, "lr must be a real number"),
     (SGD, dict(lr=float("nan")), ValueError, "lr must be >= 0"),
+    (SGD, dict(lr=torch.tensor([0.1])), ValueError, r"lr as a tensor must be 0-dim.*\(1,\)"),
+    (Adam, dict(lr=torch.tensor(1)), TypeError, "0-dim floating-point tensor.*torch.int64"),
+    (Adam, dict(lr=torch.tensor(-1e-3)), ValueError, "lr must be >= 0"),
+    (AdamW, dict(lr=torch.tensor(float("nan"))), ValueError, "lr must be >= 0"),
     (Adam, dict(betas=(0.9,)), TypeError, "betas must be a pair"),
     (Adam, dict(betas=(0.9, None)), TypeError, r"betas\[1\] must be a real number"),
     (AdamW, dict(eps=True), TypeError, "eps must be a real number"),
@@ -618,3 +718,9 @@ def test_foreach_flag_selects_the_code_path(monkeypatch, cls, single, vectorised
         param.grad = torch.ones(3)
         cls([param], lr=0.1, foreach=foreach).step()
         assert calls == [expected]
+    # a tensor lr: Adam's foreach path takes floats only, so it falls back, as torch does
+    calls.clear()
+    param = nn.Parameter(torch.ones(3))
+    param.grad = torch.ones(3)
+    cls([param], lr=torch.tensor(0.1), foreach=True).step()
+    assert calls == [vectorised if cls is SGD else single]
