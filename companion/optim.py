@@ -407,7 +407,7 @@ def adam_single_tensor(params: list[torch.Tensor], grads: list[torch.Tensor],
 
     Updates ``params``, ``exp_avgs`` (m), ``exp_avg_sqs`` (v), ``max_exp_avg_sqs`` (only
     read when ``amsgrad``) and the step counters ``steps`` in place. Complex tensors are
-    updated as pairs of reals (:func:`_as_real`).
+    updated as pairs of reals (``_as_real``).
     """
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = _as_real(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
@@ -441,7 +441,7 @@ def adam_foreach(params: list[torch.Tensor], grads: list[torch.Tensor],
     """:func:`adam_single_tensor` on whole lists of tensors with ``torch._foreach_*``.
 
     All tensors of one list must share a device and dtype (``steps`` are CPU scalars);
-    ``lr`` must be a float. Complex tensors are updated as pairs of reals (:func:`_as_real`).
+    ``lr`` must be a float. Complex tensors are updated as pairs of reals (``_as_real``).
     """
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = _as_real(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
@@ -487,7 +487,7 @@ class Adam(Optimizer):
     AMSGrad :cite:p:`reddi2018convergence` replaces :math:`v_t` by its running maximum.
     A complex parameter is treated, as in PyTorch, as a pair of real ones (its real and
     imaginary parts), so that :math:`g_t^2` is the square of each part, never the complex
-    square (:func:`_as_real`).
+    square (``_as_real``).
     :math:`m_t` is computed as ``m.lerp_(g, 1 - beta1)``, :math:`m + (1-\beta_1)(g - m)`,
     which is the same average rounded as PyTorch rounds it. State per parameter:
     ``step`` (a float CPU scalar, as in PyTorch), ``exp_avg`` (:math:`m`),
