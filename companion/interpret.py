@@ -504,8 +504,10 @@ def cascading_randomization(model: nn.Module, seed: int = 0) -> list[tuple[str, 
     and the other :math:`L - k` trained. Copy :math:`k` is copy :math:`k - 1` with one more
     layer reset -- the :math:`k`-th from the top, drawn once with the seed
     ``seed + k - 1`` -- so the copies are nested: a layer re-drawn in one copy has the same
-    random weights in every later copy. An attribution method that explains the *model*
-    must give different attributions for the copies. Returns
+    random weights in every later copy. The weights are drawn on the CPU and then moved to
+    the layer's device, so that the copies are the same on any device. An attribution
+    method that explains the *model* must give different attributions for the copies.
+    Returns
     ``[(name of the layer reset last, copy k), ...]`` for :math:`k = 1, \dots, L`; the
     model itself is untouched.
     """
@@ -517,9 +519,12 @@ def cascading_randomization(model: nn.Module, seed: int = 0) -> list[tuple[str, 
     copies, current = [], model
     for k, name in enumerate(reversed(layers)):
         current = copy.deepcopy(current)
+        layer = current.get_submodule(name)
+        fresh = copy.deepcopy(layer).cpu()  # drawn on the CPU: the same on every device
         with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
             torch.manual_seed(int(seed) + k)
-            current.get_submodule(name).reset_parameters()
+            fresh.reset_parameters()
+        layer.load_state_dict(fresh.state_dict())  # copied into the layer, on its device
         copies.append((name, current))
     return copies
 

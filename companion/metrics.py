@@ -627,13 +627,11 @@ def _precision_recall(positive, y_score, weights, drop_intermediate=False):
         keep = torch.cat([true, (torch.diff(tps[:-1]) != 0) | (torch.diff(tps[1:]) != 0), true])
         fps, tps, thresholds = fps[keep], tps[keep], thresholds[keep]
     predicted = tps + fps
-    precision = torch.where(predicted != 0, tps / predicted, 0.0)
+    precision = torch.where(predicted != 0, tps / predicted, 0.0)  # TP / (TP + FP)
+    recall = tps / tps[-1] if tps[-1] != 0 else torch.ones_like(tps)  # TP / P
     if tps[-1] == 0:
         warnings.warn("No positive class found in y_true, recall is set to one for all "
                       "thresholds.", UserWarning, stacklevel=3)
-        recall = torch.ones_like(tps)
-    else:
-        recall = tps / tps[-1]
     one, zero = precision.new_ones(1), precision.new_zeros(1)
     return (torch.cat([precision.flip(0), one]), torch.cat([recall.flip(0), zero]),
             thresholds.flip(0))

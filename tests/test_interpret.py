@@ -492,13 +492,16 @@ def test_cascading_randomization_resets_layers_from_the_top(device):
     torch.testing.assert_close(copies[0][1][4].weight, copies[2][1][4].weight, rtol=0, atol=0)
     again = cascading_randomization(net, seed=3)
     torch.testing.assert_close(again[2][1][0].weight, copies[2][1][0].weight, rtol=0, atol=0)
-    # as documented: copy k draws the k-th layer from the top once, with seed + k - 1
+    # as documented: copy k draws the k-th layer from the top once, with seed + k - 1, on
+    # the CPU -- the same weights on every device -- and leaves them on the model's device
     for k, layer in enumerate(["4", "2", "0"], start=1):
-        fresh = copy.deepcopy(net.get_submodule(layer))
+        fresh = copy.deepcopy(net.get_submodule(layer)).cpu()
         torch.manual_seed(3 + k - 1)
         fresh.reset_parameters()
-        torch.testing.assert_close(copies[k - 1][1].get_submodule(layer).weight, fresh.weight,
-                                   rtol=0, atol=0)
+        drawn = copies[k - 1][1].get_submodule(layer)
+        assert drawn.weight.device == net[0].weight.device
+        for ours, expected in ((drawn.weight, fresh.weight), (drawn.bias, fresh.bias)):
+            torch.testing.assert_close(ours.cpu(), expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match="no layer"):
         cascading_randomization(nn.Sequential(nn.Tanh()))
     with pytest.raises(TypeError, match="seed must be an int"):

@@ -1,11 +1,18 @@
 """companion.metrics against scikit-learn, the oracle, on hundreds of random cases.
 
-Each ``*_cases`` generator draws small random problems with the edge cases mixed in --
-ties in scores, a single class present, all-correct and all-wrong predictions, labels
-that are not 0..K-1, sample weights with zeros, sizes from 1 to 1,000 -- and
-:func:`agree` runs ours and scikit-learn's on the same input and asserts that both
-return the same values (float64, to 1e-12), raise the same kind of error, and emit
-the same kinds of warnings. ``test_large_inputs`` repeats a selection at 10^5 samples.
+Each ``*_cases`` generator draws random problems with the edge cases mixed in -- ties
+in scores, a single class present, all-correct and all-wrong predictions, labels that
+are not 0..K-1, sample weights with zeros -- and :func:`agree` runs ours and
+scikit-learn's on the same input and asserts that both return the same values (float64,
+to 1e-12), raise the same kind of error, and emit the same kinds of warnings. Every
+random-case test runs at three scales (:data:`SCALES`): hundreds of cases with sizes
+from 1 to 1,000, where the edge cases live, then one case of each kind at 10^4 samples
+and three at 10^5 (:data:`LARGE_CASES`), where cumulative sums and runs of ties are
+long. ``test_large_inputs`` adds a few fixed inputs at 10^5 samples. Functions without
+a scikit-learn counterpart have their own oracles: SciPy's minimiser and the zero of the
+derivative for :func:`~companion.metrics.fit_temperature`, the geometric mean of the
+target probabilities for :func:`~companion.metrics.perplexity`, resampling by hand for
+:func:`~companion.metrics.bootstrap_ci`.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
+from scipy.special import logsumexp
+from scipy.stats import gmean
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve as sk_calibration_curve
 from sklearn.exceptions import UndefinedMetricWarning
@@ -27,6 +36,14 @@ from companion import metrics as m
 
 RTOL, ATOL = 1e-12, 1e-12
 SIZES = (1, 2, 3, 5, 8, 20, 50, 200, 1000)
+#: The random cases of every generator at a large size n, by case number c (each
+#: generator's kind of case is c % 6): every kind at 10^4; at 10^5, where a case costs
+#: about 0.1 s, cases 0, 3 and 5 (labels: all correct, mostly right, random; scores:
+#: no ties, ties at 0.1 steps, a class balance from all-negative to all-positive).
+LARGE_CASES = {10_000: range(6), 100_000: (0, 3, 5)}
+#: The sizes of the random cases: drawn from SIZES (hundreds of cases), or one large n.
+SCALES = [pytest.param(None, id="n<=1000"), pytest.param(10_000, id="n=10^4"),
+          pytest.param(100_000, id="n=10^5")]
 LABEL_SETS = ([0, 1, 2, 3, 4], [-1, 1], [3, 7, 11, 12, 20], [-5, -2, 0, 4])
 
 
@@ -117,11 +134,20 @@ def _weights(rng, n):
 # --------------------------------------------------------------------------- random cases
 
 
-def label_cases(seed, count=240):
+def _plan(count, n):
+    """Case numbers and a size for each: ``count`` cases with sizes drawn from SIZES
+    (without ``n``), or the cases ``LARGE_CASES[n]``, all of size ``n``."""
+    if n is None:
+        return range(count), lambda rng, sizes=SIZES: int(rng.choice(sizes))
+    return LARGE_CASES[n], lambda rng, sizes=None: n
+
+
+def label_cases(seed, count=240, n=None):
     """(what, y_true, y_pred, sample_weight) with the edge cases mixed in."""
     rng = np.random.default_rng(seed)
-    for c in range(count):
-        n = int(rng.choice(SIZES))
+    cases, size = _plan(count, n)
+    for c in cases:
+        n = size(rng)
         label_set = np.array(LABEL_SETS[c % len(LABEL_SETS)])
         k = int(rng.integers(1, len(label_set) + 1))
         classes = rng.choice(label_set, size=k, replace=False)
@@ -130,8 +156,8 @@ def label_cases(seed, count=240):
         if kind == 0:  # all correct
             y_pred = y_true.copy()
         elif kind == 1:  # all wrong (where possible)
-            shifted = {a: b for a, b in zip(np.sort(classes), np.roll(np.sort(classes), 1))}
-            y_pred = np.array([shifted[v] for v in y_true])
+            ordered = np.sort(classes)
+            y_pred = np.roll(ordered, 1)[np.searchsorted(ordered, y_true)]
         elif kind == 2:  # one constant prediction
             y_pred = np.full(n, rng.choice(label_set))
         elif kind == 3:  # mostly right
@@ -142,11 +168,12 @@ def label_cases(seed, count=240):
                y_true, y_pred, _weights(rng, n), rng)
 
 
-def score_cases(seed, count=240):
+def score_cases(seed, count=240, n=None):
     """(what, y_true with labels in {0, 1}, y_score, sample_weight) binary ranking cases."""
     rng = np.random.default_rng(seed)
-    for c in range(count):
-        n = int(rng.choice(SIZES))
+    cases, size = _plan(count, n)
+    for c in cases:
+        n = size(rng)
         kind = c % 6
         p_pos = rng.choice([0.0, 0.05, 0.5, 0.9, 1.0]) if kind == 5 else rng.random()
         y_true = (rng.random(n) < p_pos).astype(int)
@@ -161,11 +188,12 @@ def score_cases(seed, count=240):
         yield f"case {c} (n={n}, kind={kind})", y_true, y_score, _weights(rng, n), rng
 
 
-def proba_cases(seed, count=160):
+def proba_cases(seed, count=160, n=None):
     """(what, y_true, probabilities (n, K), sample_weight): multi-class probabilistic cases."""
     rng = np.random.default_rng(seed)
-    for c in range(count):
-        n = int(rng.choice(SIZES[1:]))
+    cases, size = _plan(count, n)
+    for c in cases:
+        n = size(rng, SIZES[1:])
         k = int(rng.integers(3, 6))
         y_true = rng.integers(0, k, n)
         y_true[:k] = np.arange(k)[: min(k, n)] if n >= k else y_true[:k]
@@ -180,8 +208,9 @@ def proba_cases(seed, count=160):
 # --------------------------------------------------------------------------- counting metrics
 
 
-def test_accuracy_and_confusion_matrix(device):
-    for what, y_true, y_pred, w, rng in label_cases(0):
+@pytest.mark.parametrize("n", SCALES)
+def test_accuracy_and_confusion_matrix(device, n):
+    for what, y_true, y_pred, w, rng in label_cases(0, n=n):
         yt, yp = _as_input(y_true, device, rng), _as_input(y_pred, device, rng)
         for normalize in (True, False):
             kw = dict(normalize=normalize, sample_weight=w)
@@ -202,8 +231,9 @@ def test_accuracy_and_confusion_matrix(device):
 ZERO_DIVISION = ("warn", 0.0, 1.0, np.nan)
 
 
-def test_precision_recall_fscore_support(device):
-    for what, y_true, y_pred, w, rng in label_cases(1, count=160):
+@pytest.mark.parametrize("n", SCALES)
+def test_precision_recall_fscore_support(device, n):
+    for what, y_true, y_pred, w, rng in label_cases(1, count=160, n=n):
         yt, yp = _as_input(y_true, device, rng), _as_input(y_pred, device, rng)
         labels = None
         if rng.random() < 0.3:
@@ -220,8 +250,9 @@ def test_precision_recall_fscore_support(device):
                   partial(skm.precision_recall_fscore_support, y_true, y_pred, **kw), device)
 
 
-def test_score_wrappers(device):
-    for what, y_true, y_pred, w, rng in label_cases(2, count=80):
+@pytest.mark.parametrize("n", SCALES)
+def test_score_wrappers(device, n):
+    for what, y_true, y_pred, w, rng in label_cases(2, count=80, n=n):
         yt, yp = _as_input(y_true, device, rng), _as_input(y_pred, device, rng)
         kw = dict(average=rng.choice([None, "micro", "macro", "weighted", "binary"]),
                   sample_weight=w, zero_division=ZERO_DIVISION[rng.integers(0, 4)])
@@ -257,8 +288,9 @@ def test_micro_average_equals_accuracy_and_f1_is_harmonic_mean():
 # --------------------------------------------------------------------------- ranking metrics
 
 
-def test_roc_and_precision_recall_curves(device):
-    for what, y_true, y_score, w, rng in score_cases(4):
+@pytest.mark.parametrize("n", SCALES)
+def test_roc_and_precision_recall_curves(device, n):
+    for what, y_true, y_score, w, rng in score_cases(4, n=n):
         yt, ys = _as_input(y_true, device, rng), _as_input(y_score, device, rng)
         for drop in (True, False):
             kw = dict(sample_weight=w, drop_intermediate=drop)
@@ -276,8 +308,9 @@ def _one_class_has_zero_weight(y_true, w):
     return w is not None and len(np.unique(y_true[w != 0])) < len(np.unique(y_true))
 
 
-def test_roc_auc_and_average_precision(device):
-    for what, y_true, y_score, w, rng in score_cases(5):
+@pytest.mark.parametrize("n", SCALES)
+def test_roc_auc_and_average_precision(device, n):
+    for what, y_true, y_score, w, rng in score_cases(5, n=n):
         yt, ys = _as_input(y_true, device, rng), _as_input(y_score, device, rng)
         max_fpr = None if rng.random() < 0.6 else float(rng.choice([0.1, 0.5, rng.random()]))
         if _one_class_has_zero_weight(y_true, w):
@@ -314,8 +347,9 @@ def test_curves_with_other_labels_and_pos_label():
               partial(skm.average_precision_score, y_true, y_score, pos_label=ap_label))
 
 
-def test_multiclass_roc_auc_and_average_precision(device):
-    for what, y_true, proba, w, rng in proba_cases(7):
+@pytest.mark.parametrize("n", SCALES)
+def test_multiclass_roc_auc_and_average_precision(device, n):
+    for what, y_true, proba, w, rng in proba_cases(7, n=n):
         yt, pr = _as_input(y_true, device, rng), _as_input(proba, device, rng)
         average = rng.choice(["macro", "weighted", "micro", None])
         labels = np.arange(proba.shape[1]) if rng.random() < 0.3 else None
@@ -350,8 +384,9 @@ def test_auc_direction_and_errors():
 # --------------------------------------------------------------------------- probabilities
 
 
-def test_log_loss_and_brier_score(device):
-    for what, y_true, proba, w, rng in proba_cases(9):
+@pytest.mark.parametrize("n", SCALES)
+def test_log_loss_and_brier_score(device, n):
+    for what, y_true, proba, w, rng in proba_cases(9, n=n):
         yt, pr = _as_input(y_true, device, rng), _as_input(proba, device, rng)
         agree(f"log_loss {what}", partial(m.log_loss, yt, pr, sample_weight=w),
               partial(skm.log_loss, y_true, proba, sample_weight=w))
@@ -363,7 +398,7 @@ def test_log_loss_and_brier_score(device):
         labels = rng.permutation(proba.shape[1])  # unsorted labels: both warn
         agree(f"log_loss labels {what}", partial(m.log_loss, y_true, proba, labels=labels),
               partial(skm.log_loss, y_true, proba, labels=labels))
-    for what, y_true, y_score, w, rng in score_cases(10, count=120):  # binary, 1-D
+    for what, y_true, y_score, w, rng in score_cases(10, count=120, n=n):  # binary, 1-D
         p = 1 / (1 + np.exp(-y_score))
         p[rng.random(len(p)) < 0.1] = rng.choice([0.0, 1.0])
         yt, pt = _as_input(y_true, device, rng), _as_input(p, device, rng)
@@ -399,8 +434,9 @@ def test_float32_probabilities_like_scikit_learn():
         -math.log(torch.finfo(torch.float32).eps), rel=1e-12)
 
 
-def test_calibration_curve(device):
-    for what, y_true, y_score, _, rng in score_cases(11, count=160):
+@pytest.mark.parametrize("n", SCALES)
+def test_calibration_curve(device, n):
+    for what, y_true, y_score, _, rng in score_cases(11, count=160, n=n):
         p = 1 / (1 + np.exp(-y_score))
         if rng.random() < 0.4:
             p = np.round(p, 1)  # values on the bin edges
@@ -424,8 +460,9 @@ def _ece_oracle(hit, confidence, n_bins, strategy):
     return float(np.sum(counts * np.abs(prob_true - prob_pred)) / counts.sum())
 
 
-def test_expected_calibration_error(device):
-    for what, y_true, proba, _, rng in proba_cases(12, count=80):
+@pytest.mark.parametrize("n", SCALES)
+def test_expected_calibration_error(device, n):
+    for what, y_true, proba, _, rng in proba_cases(12, count=80, n=n):
         n_bins = int(rng.integers(1, 20))
         strategy = rng.choice(["uniform", "quantile"])
         hit = (proba.argmax(1) == y_true).astype(int)
@@ -447,58 +484,136 @@ def test_expected_calibration_error(device):
     assert m.expected_calibration_error([1, 0], [[0.0, 1.0], [1.0, 0.0]]) == 0.0
 
 
-def test_fit_temperature_matches_scipy(device):
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(400, 5, generator=g, dtype=torch.float64)
-    y = torch.multinomial(torch.softmax(logits / 2.5, 1), 1, generator=g)[:, 0]
+def _nll_at_temperature(logits, y, t):
+    """Mean cross-entropy of softmax(logits / t), in NumPy float64 (the oracle's objective)."""
+    z = logits / t
+    return float(np.mean(logsumexp(z, axis=1) - z[np.arange(len(y)), y]))
+
+
+# (seed, n, K, temperature the labels are drawn at, scale of the logits, dtype)
+TEMPERATURE_CASES = [(0, 400, 5, 2.5, 1.0, torch.float64), (1, 30, 2, 1.0, 2.0, torch.float64),
+                     (2, 3000, 10, 0.5, 1.0, torch.float32), (3, 200, 3, 4.0, 5.0, torch.float64),
+                     (4, 1000, 20, 1.5, 0.3, torch.float32)]
+
+
+@pytest.mark.parametrize("seed, n, k, drawn_at, scale, dtype", TEMPERATURE_CASES)
+def test_fit_temperature_matches_scipy(device, seed, n, k, drawn_at, scale, dtype):
+    """Ours (L-BFGS on log T) against SciPy's bounded Brent search on log T, and the
+    first-order condition: dNLL/dT = mean(z_y - E_p[z]) / T^2 = 0 at the optimum, i.e. the
+    true class's mean logit equals the mean logit expected under softmax(z / T)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (scale * torch.randn(n, k, generator=g, dtype=torch.float64)).to(dtype)
+    y = torch.multinomial(torch.softmax(logits.double() / drawn_at, 1), 1, generator=g)[:, 0]
     ours = m.fit_temperature(logits.to(device), y.to(device))
+    z, labels = logits.double().numpy(), y.numpy()
 
-    def nll(t):
-        return skm.log_loss(y.numpy(), torch.softmax(logits / t, 1).numpy(), labels=range(5))
-
-    oracle = minimize_scalar(nll, bounds=(0.05, 20), method="bounded",
-                             options={"xatol": 1e-10}).x
+    oracle = math.exp(minimize_scalar(lambda log_t: _nll_at_temperature(z, labels,
+                                                                        math.exp(log_t)),
+                                      bounds=(-5, 5), method="bounded",
+                                      options={"xatol": 1e-10}).x)
     assert ours == pytest.approx(oracle, rel=1e-6)
-    assert 2.0 < ours < 3.2  # the data were drawn at temperature 2.5
-    assert nll(ours) <= nll(1.0) and nll(ours) <= nll(2.5)
+
+    def slope(t):  # dNLL/dT
+        p = torch.softmax(torch.as_tensor(z) / t, 1).numpy()
+        return np.mean(z[np.arange(n), labels] - (p * z).sum(1)) / t**2
+
+    # zero at ours, compared with the slope 0.1 % away: within ~1e-6 of the stationary point
+    assert abs(slope(ours)) < 1e-3 * min(abs(slope(ours * 0.999)), abs(slope(ours * 1.001)))
+    assert slope(ours * 0.999) < 0 < slope(ours * 1.001)  # falling, then rising: a minimum
+    best = _nll_at_temperature(z, labels, ours)
+    assert best <= min(_nll_at_temperature(z, labels, t) for t in (1.0, drawn_at))
+    if n >= 400:  # enough data to recover the temperature the labels were drawn at
+        assert ours == pytest.approx(drawn_at, rel=0.25)
 
 
 # --------------------------------------------------------------------------- language models
 
 
-def test_perplexity_is_the_exponential_of_the_cross_entropy():
+@pytest.mark.parametrize("seed, n, vocab, scale", [(0, 500, 37, 1.0), (1, 1, 2, 3.0),
+                                                  (2, 2000, 1000, 0.1), (3, 300, 103, 8.0)])
+def test_perplexity_is_one_over_the_geometric_mean_probability(seed, n, vocab, scale):
+    """exp of PyTorch's mean cross-entropy against 1 / (geometric mean of the probabilities
+    given to the targets), computed by SciPy; in nats, bits and base 10."""
+    g = torch.Generator().manual_seed(seed)
+    logits = scale * torch.randn(n, vocab, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    p_target = torch.softmax(logits, 1)[torch.arange(n), targets].numpy()
+    oracle = 1 / gmean(p_target)
+    ce = F.cross_entropy(logits, targets).item()  # nats per token
+    assert m.perplexity(ce) == pytest.approx(oracle, rel=1e-12)
+    assert m.perplexity(ce) == pytest.approx(math.exp(ce), rel=1e-14)
+    assert m.perplexity(ce / math.log(2), base=2) == pytest.approx(oracle, rel=1e-12)
+    assert m.perplexity(ce / math.log(10), base=10) == pytest.approx(oracle, rel=1e-12)
+    ce32 = F.cross_entropy(logits.float(), targets)  # a float32 tensor is accepted too
+    assert m.perplexity(ce32) == pytest.approx(oracle, rel=1e-5)
+
+
+def test_perplexity_of_a_uniform_choice_is_its_size():
     g = torch.Generator().manual_seed(0)
-    logits, targets = torch.randn(500, 37, generator=g), torch.randint(0, 37, (500,), generator=g)
-    ce = F.cross_entropy(logits, targets).item()
-    assert m.perplexity(ce) == pytest.approx(math.exp(ce), rel=1e-15)
-    assert m.perplexity(ce / math.log(2), base=2) == pytest.approx(math.exp(ce), rel=1e-14)
-    assert m.perplexity(torch.tensor(ce)) == pytest.approx(math.exp(ce), rel=1e-6)
+    targets = torch.randint(0, 37, (500,), generator=g)
     uniform = F.cross_entropy(torch.zeros(500, 37, dtype=torch.float64), targets).item()
     assert m.perplexity(uniform) == pytest.approx(37, rel=1e-14)  # uniform: H = log V
+    for k in (1, 2, 5, 36):  # uniform over k of the 37 tokens, the targets among them
+        logits = torch.full((500, 37), -math.inf, dtype=torch.float64)
+        logits[:, :k] = 0.0
+        ce = F.cross_entropy(logits, targets % k).item()
+        assert m.perplexity(ce) == pytest.approx(k, rel=1e-14)
 
 
 # --------------------------------------------------------------------------- bootstrap
 
 
-def test_bootstrap_matches_resampling_by_hand(device):
+def _accuracy_difference(y, a, b):
+    return m.accuracy_score(y, a) - m.accuracy_score(y, b)
+
+
+def _bootstrap_cases():
+    """(what, ours, oracle, arrays, n_resamples, confidence_level): ``ours`` takes tensors,
+    ``oracle`` NumPy arrays (scikit-learn or NumPy), both the same metric."""
     rng = np.random.default_rng(13)
     y = rng.integers(0, 2, 80)
     s = rng.normal(size=80) + y
-    result = m.bootstrap_ci(m.roc_auc_score, torch.as_tensor(y, device=device), s,
-                            n_resamples=200, confidence_level=0.9,
+    yield "roc_auc", m.roc_auc_score, skm.roc_auc_score, (y, s), 200, 0.9
+    y7, pred7 = rng.integers(0, 2, 7), rng.integers(0, 2, 7)
+    yield "accuracy n=7", m.accuracy_score, skm.accuracy_score, (y7, pred7), 2, 0.5
+    x = rng.exponential(size=1000)
+    yield ("mean n=1000", lambda t: float(t.mean()), lambda a: float(a.mean()), (x,), 500,
+           0.99)
+    y3 = rng.integers(0, 3, 50)
+    proba = rng.dirichlet(np.ones(3), size=50)  # (50, 3): resampled by rows
+    yield ("log_loss (n, K)", partial(m.log_loss, labels=[0, 1, 2]),
+           partial(skm.log_loss, labels=[0, 1, 2]), (y3, proba), 100, 0.95)
+    y2 = rng.integers(0, 2, 200)
+    a = np.where(rng.random(200) < 0.85, y2, 1 - y2)
+    b = np.where(rng.random(200) < 0.05, 1 - a, a)
+    yield ("paired accuracy difference", _accuracy_difference,
+           lambda y, a, b: skm.accuracy_score(y, a) - skm.accuracy_score(y, b), (y2, a, b),
+           300, 0.95)
+
+
+@pytest.mark.parametrize("case", list(_bootstrap_cases()), ids=lambda c: c[0])
+def test_bootstrap_matches_resampling_by_hand(device, case):
+    what, ours, oracle, arrays, n_resamples, level = case
+    n = len(arrays[0])
+    tensors = [torch.as_tensor(arrays[0], device=device), *arrays[1:]]  # mixed inputs
+    result = m.bootstrap_ci(ours, *tensors, n_resamples=n_resamples, confidence_level=level,
                             generator=torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)
     values = []
-    for _ in range(200):
-        rows = torch.randint(80, (80,), generator=g).numpy()
-        values.append(skm.roc_auc_score(y[rows], s[rows]))
-    low, high = np.quantile(values, [0.05, 0.95])
-    assert result.low == pytest.approx(low, rel=1e-12)
-    assert result.high == pytest.approx(high, rel=1e-12)
-    assert result.estimate == pytest.approx(skm.roc_auc_score(y, s), rel=1e-12)
+    for _ in range(n_resamples):
+        rows = torch.randint(n, (n,), generator=g).numpy()
+        values.append(oracle(*(a[rows] for a in arrays)))
+    alpha = 1 - level
+    low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])  # linear interpolation
+    assert result.low == pytest.approx(low, rel=1e-12, abs=1e-15), what
+    assert result.high == pytest.approx(high, rel=1e-12, abs=1e-15), what
+    assert result.estimate == pytest.approx(oracle(*arrays), rel=1e-12, abs=1e-15), what
+    assert result.confidence_level == level
     assert result.distribution.device.type == device.type
-    np.testing.assert_allclose(result.distribution.cpu().numpy(), values, rtol=1e-12)
-    assert result.standard_error == pytest.approx(np.std(values, ddof=1), rel=1e-10)
+    np.testing.assert_allclose(result.distribution.cpu().numpy(), values, rtol=1e-12,
+                               atol=1e-15, err_msg=what)
+    assert result.standard_error == pytest.approx(np.std(values, ddof=1), rel=1e-10,
+                                                  abs=1e-15)
 
 
 def test_bootstrap_standard_error_of_accuracy_is_binomial():
@@ -517,10 +632,8 @@ def test_paired_bootstrap_of_a_difference():
     a = np.where(rng.random(200) < 0.85, y, 1 - y)
     b = np.where(rng.random(200) < 0.05, 1 - a, a)  # b differs from a on a few rows
 
-    def difference(y, a, b):
-        return m.accuracy_score(y, a) - m.accuracy_score(y, b)
-
-    paired = m.bootstrap_ci(difference, y, a, b, generator=torch.Generator().manual_seed(0))
+    paired = m.bootstrap_ci(_accuracy_difference, y, a, b,
+                            generator=torch.Generator().manual_seed(0))
     assert paired.estimate == pytest.approx(skm.accuracy_score(y, a) - skm.accuracy_score(y, b))
     assert paired.low <= paired.estimate <= paired.high
 
