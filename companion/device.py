@@ -89,7 +89,10 @@ def seed_everything(seed: int, deterministic: bool = True) -> int:
     (``torch.use_deterministic_algorithms(True, warn_only=True)``, cuDNN's
     deterministic mode, and the cuBLAS workspace setting that CUDA needs for it),
     so that a notebook gives the same numbers every time it runs on the same
-    machine. Results still differ in the last bits between a CPU and a GPU, or
+    machine, and float32 convolutions on a GPU keep float32's precision
+    (``torch.backends.cudnn.allow_tf32 = False``: cuDNN would otherwise use TF32, a
+    10-bit mantissa, on recent NVIDIA GPUs; float32 matrix products already keep it by
+    PyTorch's default). Results still differ in the last bits between a CPU and a GPU, or
     between different numbers of CPU threads: the book prints rounded numbers.
 
     Returns the seed, so that it can be recorded.
@@ -108,7 +111,9 @@ def seed_everything(seed: int, deterministic: bool = True) -> int:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.allow_tf32 = False
     else:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.allow_tf32 = True  # PyTorch's default
     return seed

@@ -12,8 +12,11 @@ from companion.device import ENV_VAR, get_device, seed_everything
 @pytest.fixture(autouse=True)
 def _restore_determinism():
     before = torch.are_deterministic_algorithms_enabled()
+    cudnn = torch.backends.cudnn
+    flags = cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32
     yield
     torch.use_deterministic_algorithms(before)
+    cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32 = flags
 
 
 def test_default_picks_best_available(monkeypatch):
@@ -78,8 +81,10 @@ def test_seed_everything_sets_deterministic_mode():
     seed_everything(0)
     assert torch.are_deterministic_algorithms_enabled()
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert not torch.backends.cudnn.allow_tf32
     seed_everything(0, deterministic=False)
     assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.backends.cudnn.allow_tf32 and not torch.backends.cudnn.deterministic
 
 
 @pytest.mark.cuda
