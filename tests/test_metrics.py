@@ -208,6 +208,12 @@ def proba_cases(seed, count=160, n=None):
 # --------------------------------------------------------------------------- counting metrics
 
 
+def _label_subset(rng, *arrays):
+    """A random ``labels=`` argument: some of the labels present and the absent 99, shuffled."""
+    pool = np.unique(np.concatenate([*arrays, [99]]))
+    return rng.permutation(pool)[: rng.integers(1, len(pool) + 1)]
+
+
 @pytest.mark.parametrize("n", SCALES)
 def test_accuracy_and_confusion_matrix(device, n):
     for what, y_true, y_pred, w, rng in label_cases(0, n=n):
@@ -216,10 +222,7 @@ def test_accuracy_and_confusion_matrix(device, n):
             kw = dict(normalize=normalize, sample_weight=w)
             agree(f"accuracy {what} {kw}", partial(m.accuracy_score, yt, yp, **kw),
                   partial(skm.accuracy_score, y_true, y_pred, **kw))
-        labels = None
-        if rng.random() < 0.5:  # a subset / reordering, possibly with absent labels
-            pool = np.unique(np.concatenate([y_true, y_pred, [99]]))
-            labels = rng.permutation(pool)[: rng.integers(1, len(pool) + 1)]
+        labels = _label_subset(rng, y_true, y_pred) if rng.random() < 0.5 else None
         kw = dict(labels=labels, sample_weight=w,
                   normalize=rng.choice([None, "true", "pred", "all"]))
         cm = agree(f"confusion_matrix {what} {kw}", partial(m.confusion_matrix, yt, yp, **kw),
@@ -235,10 +238,7 @@ ZERO_DIVISION = ("warn", 0.0, 1.0, np.nan)
 def test_precision_recall_fscore_support(device, n):
     for what, y_true, y_pred, w, rng in label_cases(1, count=160, n=n):
         yt, yp = _as_input(y_true, device, rng), _as_input(y_pred, device, rng)
-        labels = None
-        if rng.random() < 0.3:
-            pool = np.unique(np.concatenate([y_true, [99]]))
-            labels = rng.permutation(pool)[: rng.integers(1, len(pool) + 1)]
+        labels = _label_subset(rng, y_true) if rng.random() < 0.3 else None
         common = dict(beta=float(rng.choice([0.0, 0.5, 1.0, 2.0, np.inf])), labels=labels,
                       sample_weight=w, zero_division=ZERO_DIVISION[rng.integers(0, 4)])
         for average in (None, "micro", "macro", "weighted", "binary"):
