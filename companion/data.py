@@ -5,16 +5,21 @@
 * :func:`load_breast_cancer_split` -- scikit-learn's bundled breast-cancer data
   (569 samples, 30 features, binary), standardised on the training part.
 * :func:`load_pydoc_text`, :class:`CharTokenizer`, :class:`CharCorpus` -- the
-  text of Python's own documentation topics (``pydoc_data.topics``, about
-  465,000 characters of real English that ships with every Python), tokenised
-  character by character for the language models of chapters 4 to 6.
+  text of Python's own documentation topics (``pydoc_data.topics`` of CPython
+  3.11.7, 465,048 characters of real English), frozen in ``assets/pydoc_topics.txt``
+  and checked against its SHA-256 on every load, tokenised character by character for
+  the language models of chapters 4 to 6. The running Python's own copy is never read:
+  it is regenerated for every Python release, and another release would mean another
+  corpus and a checkpoint that no longer fits its vocabulary.
 
 Everything returns tensors; pass ``device=`` to put them on a GPU.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -83,11 +88,26 @@ def load_breast_cancer_split(test_size: float = 0.25, seed: int = 0, device=None
 # --------------------------------------------------------------------------- text
 
 
-def load_pydoc_text() -> str:
-    """The text of ``pydoc_data.topics``: Python's help topics, joined in key order."""
-    from pydoc_data.topics import topics
+#: The frozen corpus: CPython 3.11.7's ``pydoc_data.topics``, values joined by newlines in
+#: key order (PSF licence; see ``assets/README.md``).
+PYDOC_TEXT_FILE = Path(__file__).resolve().parent / "assets" / "pydoc_topics.txt"
+#: SHA-256 of :data:`PYDOC_TEXT_FILE`'s bytes (UTF-8).
+PYDOC_TEXT_SHA256 = "2a95af4ac93f5b719944030ce3769070ddf827d847cba42192afa8da989e5dc4"
 
-    return "\n".join(topics[key] for key in sorted(topics))
+
+def load_pydoc_text() -> str:
+    """Python's help topics (``pydoc_data.topics`` of CPython 3.11.7), the same bytes everywhere.
+
+    Read from the package's asset file and checked against :data:`PYDOC_TEXT_SHA256`, so
+    every reader trains and evaluates on the same text whatever Python runs the book.
+    Raises ``RuntimeError`` if the file was altered.
+    """
+    data = PYDOC_TEXT_FILE.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != PYDOC_TEXT_SHA256:
+        raise RuntimeError(f"{PYDOC_TEXT_FILE.name} has SHA-256 {digest}, expected "
+                           f"{PYDOC_TEXT_SHA256}: the frozen corpus was altered")
+    return data.decode("utf-8")
 
 
 class CharTokenizer:

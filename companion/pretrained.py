@@ -129,10 +129,9 @@ def load_pretrained_gpt(device=None) -> tuple[GPT, CharCorpus]:
     """The pretrained GPT and the corpus it was trained on, ``(model, corpus)``.
 
     The model is in eval mode, on ``device`` (default: :func:`~companion.device.get_device`).
-    The corpus is ``CharCorpus()`` -- the pydoc text with the default 10 % validation
-    split -- whose vocabulary must be the checkpoint's (it is for the Python the
-    checkpoint was made with; another Python's documentation may differ, and then
-    ``python -m companion.pretrained`` re-trains the model on it).
+    The corpus is ``CharCorpus()`` -- the frozen pydoc text (``assets/pydoc_topics.txt``)
+    with the default 10 % validation split -- whose vocabulary is the checkpoint's on
+    every machine and every Python release.
     """
     if not CHECKPOINT.exists():
         raise FileNotFoundError(f"no checkpoint at {CHECKPOINT}; create it with "
@@ -140,8 +139,8 @@ def load_pretrained_gpt(device=None) -> tuple[GPT, CharCorpus]:
     model, checkpoint = load_checkpoint(CHECKPOINT, device)
     corpus = CharCorpus()
     if "".join(corpus.tokenizer.itos) != checkpoint["vocab"]:
-        raise ValueError("this Python's pydoc text has a different character set than the "
-                         "checkpoint's; re-train with `python -m companion.pretrained`")
+        raise ValueError("the corpus has a different character set than the checkpoint's; "
+                         "re-train with `python -m companion.pretrained`")
     return model, corpus
 
 

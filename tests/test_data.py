@@ -116,3 +116,31 @@ def test_batch_errors(kw, match):
 def test_corpus_val_fraction_must_be_a_fraction():
     with pytest.raises(ValueError, match="val_fraction"):
         CharCorpus("abc", val_fraction=0)
+
+
+def test_pydoc_text_is_frozen_and_checked(monkeypatch, tmp_path):
+    import hashlib
+
+    import companion.data as data
+
+    raw = data.PYDOC_TEXT_FILE.read_bytes()
+    assert hashlib.sha256(raw).hexdigest() == data.PYDOC_TEXT_SHA256
+    text = load_pydoc_text()
+    assert len(text) == 465_048 and len(set(text)) == 103
+    altered = tmp_path / "pydoc_topics.txt"
+    altered.write_bytes(raw[:-1] + b"!")
+    monkeypatch.setattr(data, "PYDOC_TEXT_FILE", altered)
+    with pytest.raises(RuntimeError, match="SHA-256"):
+        load_pydoc_text()
+
+
+def test_no_module_reads_the_running_pythons_files():
+    from pathlib import Path
+
+    import companion
+
+    import re
+
+    for module in Path(companion.__file__).parent.glob("*.py"):
+        source = module.read_text(encoding="utf-8")
+        assert not re.search(r"(from|import)\s+pydoc_data", source), module.name
