@@ -4,6 +4,8 @@
 #   make notebooks  re-execute every notebook in place (refresh stored outputs)
 #   make benchmarks time the reference code against PyTorch / scikit-learn / Captum
 #   make benchmark-tables  refresh the tables of the benchmark appendix
+#   make test-browser  build the book, open every page in headless Chromium with no network
+#                      and check what it shows (SCREENSHOTS=1: PNGs in _build/screenshots)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -16,7 +18,7 @@ JOBS   ?= 2
 export PYTHONHASHSEED := 0
 export COMPANION_DEVICE ?= cpu
 
-.PHONY: all book test notebooks benchmarks benchmark-tables lint clean
+.PHONY: all book test test-browser notebooks benchmarks benchmark-tables lint clean
 
 all: test book
 
@@ -32,6 +34,25 @@ book: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadscope
+
+# Browser check: Playwright (requirements-browser.txt) drives Debian's chromium, which is
+# installed with apt-get when missing (as root, or through sudo).
+BROWSER_STAMP := $(VENV)/.installed-browser
+CHROMIUM      ?= $(shell command -v chromium || echo /usr/bin/chromium)
+SUDO          := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+$(BROWSER_STAMP): requirements-browser.txt $(STAMP)
+	$(BIN)/python -m pip install --quiet -r requirements-browser.txt
+	touch $(BROWSER_STAMP)
+
+test-browser: $(BROWSER_STAMP)
+	@test -x $(CHROMIUM) || { $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium; }
+	$(BIN)/python tests/vendor_js.py --check
+	$(MAKE) book
+	rm -rf _build/screenshots
+	timeout --kill-after=30 1200 $(BIN)/python tests/browser_check.py _build/html \
+	  --chromium $(CHROMIUM) $(if $(SCREENSHOTS),--screenshots _build/screenshots)
 
 notebooks: $(STAMP)
 	$(BIN)/python tests/execute_notebooks.py $(NOTEBOOKS)
