@@ -8,7 +8,7 @@ Forcing each of them here shows, on one machine, what readers' machines will see
 notebook must pass nbval (with the tolerant comparison of ``nbval_tolerant.py``) under
 every variant.
 
-Usage: ``python tests/portability.py [--variants NAME ...] [--jobs N] [--report DIR]
+Usage: ``python tests/portability.py [--variant NAME]... [--jobs N] [--report DIR]
 [NOTEBOOK ...]``. Prints, per variant, the pytest summary, and at the end the cells that
 deviated from their stored outputs with the largest deviation seen and the tolerance the
 cell declares: the measured spreads behind the tolerances.
@@ -113,8 +113,8 @@ def summarise(reports: dict[str, Path]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("notebooks", nargs="*", default=["book"])
-    parser.add_argument("--variants", nargs="*", default=None,
-                        help=f"subset of {list(VARIANTS)} (default: all this CPU can run)")
+    parser.add_argument("--variant", action="append", dest="variants", default=None,
+                        help=f"one of {list(VARIANTS)}, repeatable (default: all this CPU can run)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--report", type=Path, default=ROOT / "_build" / "portability")
     args = parser.parse_args(argv)
