@@ -42,7 +42,8 @@ test-portable: $(STAMP)
 	$(BIN)/python tests/portability.py --jobs $(JOBS)
 
 # Browser check: Playwright (requirements-browser.txt) drives Debian's chromium, which is
-# installed with apt-get when missing (as root, or through sudo).
+# installed with apt-get when missing (as root, or through sudo), with a small Chinese font
+# (fonts-wqy-microhei, 1.6 MB) so that the glossary's terms are not drawn as empty boxes.
 BROWSER_STAMP := $(VENV)/.installed-browser
 CHROMIUM      ?= $(shell command -v chromium || echo /usr/bin/chromium)
 SUDO          := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -52,8 +53,9 @@ $(BROWSER_STAMP): requirements-browser.txt $(STAMP)
 	touch $(BROWSER_STAMP)
 
 test-browser: $(BROWSER_STAMP)
-	@test -x $(CHROMIUM) || { $(SUDO) apt-get update -q && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium; }
+	@{ test -x $(CHROMIUM) && fc-list :lang=zh | grep -q .; } || { $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends \
+	  chromium fonts-wqy-microhei; }
 	$(BIN)/python tests/vendor_js.py --check
 	$(MAKE) book
 	rm -rf _build/screenshots

@@ -11,7 +11,7 @@ For each page, in the light theme:
 * every formula typeset by MathJax: no raw ``\\(``, ``\\[`` or ``$$`` in the text outside
   code, no MathJax error box;
 * every Mermaid block drawn as an SVG;
-* every image loaded (non-zero natural size);
+* every image loaded (non-zero natural size), Chinese text drawn with a Chinese font;
 * no horizontal overflow of the page at 1280 px (code cells scroll inside their box).
 
 Then, switched to the theme's dark mode, figures (images with transparent pixels,
@@ -65,6 +65,21 @@ async () => {
       raw.push(text.trim().slice(0, 80));
     }
   }
+  // Chinese text needs a font that has it: without one every character is the same box.
+  let tofu = false;
+  const cjk = [...document.querySelectorAll("dt, p, li, td, h1, h2, h3, span")].find(
+    (e) => /[\u4e00-\u9fff]/.test(e.textContent) && !e.closest(skip));
+  if (cjk) {
+    const draw = (ch) => {
+      const canvas = document.createElement("canvas");
+      canvas.width = canvas.height = 40;
+      const ctx = canvas.getContext("2d");
+      ctx.font = `32px ${getComputedStyle(cjk).fontFamily}`;
+      ctx.fillText(ch, 2, 34);
+      return ctx.getImageData(0, 0, 40, 40).data.join();
+    };
+    tofu = draw("注") === draw("意");
+  }
   const root = document.documentElement;
   const width = root.clientWidth;
   // Innermost elements that stick out of the window, to say what overflows.
@@ -82,6 +97,7 @@ async () => {
     mathErrors: [...document.querySelectorAll("mjx-merror, mjx-assistive-mml mtext[mathcolor=red]")]
       .map((e) => e.textContent.slice(0, 80)),
     raw: raw.slice(0, 5),
+    tofu,
     diagrams: document.querySelectorAll("pre.mermaid").length,
     undrawn: [...document.querySelectorAll("pre.mermaid")]
       .filter((e) => !e.querySelector("svg")).length,
@@ -241,6 +257,8 @@ def _check_light(page: _Page, url: str) -> tuple[list[str], dict]:
     problems = list(page.errors)
     if seen["raw"]:
         problems.append(f"raw TeX in the text: {seen['raw']}")
+    if seen["tofu"]:
+        problems.append("Chinese text drawn as empty boxes: no Chinese font (fonts-wqy-microhei)")
     if seen["mathErrors"]:
         problems.append(f"MathJax errors: {seen['mathErrors'][:3]}")
     if seen["undrawn"]:
