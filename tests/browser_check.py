@@ -316,8 +316,10 @@ def run(
                 args=["--no-sandbox", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"],
             )
             try:
-                context = browser.new_context(viewport=VIEWPORT, service_workers="block")
-                context.add_init_script("localStorage.setItem('mode', 'light');")
+                # A first visit: nothing stored, the system's light colour scheme.
+                context = browser.new_context(
+                    viewport=VIEWPORT, color_scheme="light", service_workers="block"
+                )
                 for name in pages:
                     if time.monotonic() - start > deadline:
                         failures["(deadline)"] = [f"stopped after {deadline:.0f} s"]

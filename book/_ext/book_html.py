@@ -1,4 +1,4 @@
-"""Keep the built book offline: Mermaid from the book's own copy, also from ``file://``.
+"""Fixes to the built HTML that the browser check (tests/browser_check.py) asked for.
 
 * sphinxcontrib-mermaid 2.x loads Mermaid as an ES module (``import mermaid from ...``),
   from a CDN by default. A browser refuses ES-module imports on pages opened from disk
@@ -11,9 +11,13 @@
   not have) puts a script naming a CDN on every page, and puts it there twice, which
   throws "Identifier 'THEBE_JS_URL' has already been declared" on every page. Its
   scripts are dropped.
+* pydata-sphinx-theme logs "Got invalid theme mode" as a console error on a reader's
+  first visit unless its template gets a ``default_mode`` (sphinx-book-theme passes
+  none): it gets ``auto`` (follow the system's light or dark setting), which is what the
+  theme falls back to after the error anyway.
 
-Both steps fail the build, rather than fall back to a CDN, if a new version of either
-extension no longer has the function replaced here.
+The first two steps fail the build, rather than fall back to a CDN, if a new version of
+either extension no longer has the function replaced here.
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ def _add_mermaid_scripts(app, pagename, templatename, context, doctree):
     app.add_js_file("mermaid-init.js", loading_method="defer")
 
 
+def _default_mode(app, config):
+    config.html_context.setdefault("default_mode", "auto")
+
+
 def _disconnect(app, event: str, handler) -> None:
     listeners = [x for x in app.events.listeners[event] if x.handler is handler]
     if not listeners:
@@ -47,4 +55,5 @@ def setup(app):
     _disconnect(app, "html-page-context", sphinx_mermaid.install_js)
     _disconnect(app, "env-before-read-docs", sphinx_thebe.init_thebe_core)
     app.connect("html-page-context", _add_mermaid_scripts)
+    app.connect("config-inited", _default_mode)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
