@@ -251,6 +251,17 @@ class _Page:
         self.page.close()
 
 
+def _attempt(context, origin: str, check, *args) -> list[str]:
+    """``check(page, *args)`` in a new tab: a timeout or a crash is a problem; the tab closes."""
+    page = _Page(context, origin)
+    try:
+        return check(page, *args)
+    except Exception as exc:
+        return [f"{type(exc).__name__}: {str(exc)[:300]}"]
+    finally:
+        page.close()
+
+
 def _check_light(page: _Page, url: str) -> tuple[list[str], dict]:
     page.open(url)
     seen = page.page.evaluate(_INSPECT_JS)
@@ -270,6 +281,10 @@ def _check_light(page: _Page, url: str) -> tuple[list[str], dict]:
             f"page {seen['overflow']} px wider than the 1280 px window: {seen['wide']}"
         )
     return problems, seen
+
+
+def _check_disk(page: _Page, url: str) -> list[str]:
+    return _check_light(page, url)[0]
 
 
 def _check_search(page: _Page, base: str, term: str) -> list[str]:
@@ -299,12 +314,18 @@ def run(
         """The top 1280x2000 of the page, and its first diagram and first figures apart."""
         if not screenshots:
             return
+        page.page.evaluate("window.scrollTo(0, 0)")
         page.page.screenshot(path=str(screenshots / name))
         parts = {"mermaid": "pre.mermaid", "figure": "article .cell_output img, article figure img"}
         for label, selector in parts.items():
             for i, element in enumerate(page.page.locator(selector).all()[:2]):
                 element.scroll_into_view_if_needed()
                 element.screenshot(path=str(screenshots / name.replace(".png", f".{label}{i}.png")))
+
+    def record(label: str, problems: list[str]) -> None:
+        print(f"{'FAIL' if problems else 'ok':4} {label}", flush=True)
+        if problems:
+            failures[label] = problems
 
     try:
         with sync_playwright() as playwright:
@@ -361,29 +382,12 @@ def run(
                     if problems:
                         failures[name] = problems
                 for term in SEARCHES if only == "*" else []:
-                    page = _Page(context, base)
-                    try:
-                        problems = _check_search(page, base, term)
-                    except Exception as exc:
-                        problems = [f"{type(exc).__name__}: {str(exc)[:300]}"]
-                    finally:
-                        page.close()
-                    print(f"{'FAIL' if problems else 'ok':4} search {term!r}", flush=True)
-                    if problems:
-                        failures[f"search {term!r}"] = problems
+                    record(f"search {term!r}", _attempt(context, base, _check_search, base, term))
                 # From disk, as a reader opening _build/html/index.html would.
-                disk_pages = [p for p in pages if 'class="mermaid"' in (root / p).read_text()]
-                for name in disk_pages:
-                    page = _Page(context, root.resolve().as_uri())
-                    try:
-                        problems, _ = _check_light(page, (root / name).resolve().as_uri())
-                    except Exception as exc:
-                        problems = [f"{type(exc).__name__}: {str(exc)[:300]}"]
-                    finally:
-                        page.close()
-                    print(f"{'FAIL' if problems else 'ok':4} file:// {name}", flush=True)
-                    if problems:
-                        failures[f"file:// {name}"] = problems
+                for name in [p for p in pages if 'class="mermaid"' in (root / p).read_text()]:
+                    url = (root / name).resolve().as_uri()
+                    disk = root.resolve().as_uri()
+                    record(f"file:// {name}", _attempt(context, disk, _check_disk, url))
             finally:
                 browser.close()
     finally:
