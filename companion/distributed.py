@@ -360,7 +360,7 @@ def train_single(X: torch.Tensor, y: torch.Tensor, config: TrainConfig,
     by the batch size, so the accumulated gradient is the batch's mean gradient."""
     check_tensor("X", X, ndim=2, floating=True)
     check_int("micro_batches", micro_batches, 1, config.batch_size)
-    model = digits_mlp(config.seed, config.batch_norm, X.dtype)
+    model = digits_mlp(config.seed, config.batch_norm, X.dtype).to(X.device)
     optimizer = config.make_optimizer(model.parameters())
     for batch in config.batches(len(X)):
         optimizer.zero_grad()
@@ -385,7 +385,7 @@ def train_data_parallel(X: torch.Tensor, y: torch.Tensor, config: TrainConfig) -
     if len(shares) != world_size:
         raise ValueError(f"shares must have one entry per rank ({world_size}), got {shares}")
     start = sum(shares[:rank])
-    model = digits_mlp(config.seed, config.batch_norm, X.dtype)
+    model = digits_mlp(config.seed, config.batch_norm, X.dtype).to(X.device)
     if config.sync_batch_norm:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = nn.parallel.DistributedDataParallel(model)
@@ -743,10 +743,12 @@ def throughput_worker(rank: int, world_size: int, config: dict) -> float:
 def main(steps: int = 20, tolerance: float = 1e-12) -> int:
     """Entry point of ``torchrun ... -m companion.distributed``: DDP on the digits against
     one process on rank 0; returns (and exits with) 1 if they differ by more than
-    ``tolerance``. Uses NCCL when every rank has a GPU, gloo otherwise."""
+    ``tolerance``. Uses NCCL when every local rank can have a GPU of its own, gloo
+    otherwise."""
     from .data import load_digits_split
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    backend = "nccl" if torch.cuda.device_count() >= local_ranks > 0 else "gloo"
     dist.init_process_group(backend)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if backend == "nccl" \
