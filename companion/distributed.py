@@ -591,11 +591,12 @@ class Schedule:
 
     @property
     def makespan(self) -> float:
+        """Time from the first task's start to the last task's end."""
         return max(t.end for t in self.tasks)
 
     @property
     def idle_fraction(self) -> float:
-        """Share of stage-time spent waiting: ``1 - busy / (p * makespan)``."""
+        """The share of stage time spent waiting, ``1 - busy / (p * makespan)``."""
         busy = sum(t.end - t.start for t in self.tasks)
         return 1 - busy / (self.n_stages * self.makespan)
 
