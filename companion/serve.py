@@ -385,13 +385,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In the child, before ``exec``: on Linux, ask for SIGTERM when the parent dies, so
+    that a server never outlives the notebook kernel or test run that started it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+
+
 class ServerProcess:
     """``python -m companion.serve`` in a subprocess on a free loopback port; a context manager.
 
     ``with ServerProcess(max_batch_size=8) as server: httpx.get(server.url + "/health")``.
     Entering waits (at most ``startup_timeout`` seconds) until ``/health`` answers;
     leaving sends SIGTERM, waits ``stop_timeout`` seconds for a clean exit, then kills.
-    The server's output goes to a temporary log file, shown if it fails to start.
+    On Linux the server also gets SIGTERM when the process that started it dies. Its
+    output goes to a temporary log file (:meth:`log`), shown if it fails to start.
     """
 
     def __init__(self, max_batch_size: int = 16, max_wait_ms: float = 5.0, threads: int = 1,
@@ -414,7 +424,7 @@ class ServerProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "companion.serve", "--host", "127.0.0.1", "--port", str(port),
              *self.args], stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_die_with_parent)
         self._deadline = time.monotonic() + self.startup_timeout
         return self
 
