@@ -49,11 +49,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from companion._validate import check_float, check_int, check_type
 from companion.transformer import GPT, sample_next_token
 
-#: Request limits (the schema enforces them; 413 above the body size).
+#: Longest prompt, in characters (one token per character).
 MAX_PROMPT_CHARS = 1024
+#: Most tokens one request may ask for.
 MAX_NEW_TOKENS = 512
+#: Highest sampling temperature.
 MAX_TEMPERATURE = 100.0
+#: Largest request body in bytes (413 above; checked before the JSON is parsed).
 MAX_BODY_BYTES = 16 * 1024
+#: Largest seed (a ``torch.Generator`` takes 64-bit seeds).
 MAX_SEED = 2**63 - 1
 
 

@@ -204,3 +204,10 @@ def test_server_process_and_app_bad_input(local_model):
         serve.create_app("gpt", vocab)
     with pytest.raises(ValueError, match="max_wait_ms"):
         serve.create_app(model, vocab, max_wait_ms=-1.0)
+
+
+def test_a_server_that_does_not_come_up_in_time_is_stopped():
+    server = serve.ServerProcess(startup_timeout=0.0, stop_timeout=10.0)
+    with pytest.raises(RuntimeError, match="did not come up within 0.0 s"):
+        server.start()
+    assert server.process.poll() is not None  # nothing left running
