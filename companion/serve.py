@@ -178,11 +178,14 @@ class Batcher:
         jobs = [await self.queue.get()]
         deadline = time.perf_counter() + self.max_wait
         while len(jobs) < self.max_batch_size:
+            if not self.queue.empty():  # already waiting: take it without waiting
+                jobs.append(self.queue.get_nowait())
+                continue
             timeout = deadline - time.perf_counter()
-            if timeout <= 0 and self.queue.empty():
+            if timeout <= 0:
                 break
-            try:
-                jobs.append(await asyncio.wait_for(self.queue.get(), max(timeout, 0.0)))
+            try:  # a get() cancelled by the timeout leaves its item in the queue
+                jobs.append(await asyncio.wait_for(self.queue.get(), timeout))
             except TimeoutError:
                 break
         return jobs
