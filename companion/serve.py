@@ -412,7 +412,7 @@ class ServerProcess:
     """
 
     def __init__(self, max_batch_size: int = 16, max_wait_ms: float = 5.0, threads: int = 1,
-                 startup_timeout: float = 60.0, stop_timeout: float = 15.0):
+                 startup_timeout: float = 180.0, stop_timeout: float = 30.0):
         self.args = ["--max-batch-size", str(check_int("max_batch_size", max_batch_size, low=1)),
                      "--max-wait-ms", str(check_float("max_wait_ms", max_wait_ms, low=0.0)),
                      "--threads", str(check_int("threads", threads, low=1))]
