@@ -23,7 +23,7 @@ TIMEOUT = 60.0
 
 @pytest.fixture(scope="module")
 def server():
-    with serve.ServerProcess(max_batch_size=8, max_wait_ms=20.0, startup_timeout=120.0) as s:
+    with serve.ServerProcess(max_batch_size=8, max_wait_ms=20.0, startup_timeout=300.0) as s:
         yield s
 
 
