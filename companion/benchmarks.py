@@ -389,6 +389,22 @@ def _bench_integrated_gradients(device, quick):
                 work=batch * n_steps, work_unit="path points")
 
 
+# --- Chapter 8: distributed training ----------------------------------------------------
+
+
+@benchmark("ring all-reduce, 8 simulated ranks: simulation vs one torch.sum", "8")
+def _bench_ring_all_reduce(device, quick):
+    """The ring simulation of companion.distributed (14 sends of 1/8 of the tensor per
+    rank, each a separate small operation) against summing the 8 tensors in one call:
+    the price of showing every message. Real collectives are timed by their processes."""
+    from companion.distributed import ring_all_reduce
+
+    numel = 2**12 if quick else 2**20
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(numel, generator=g).to(device) for _ in range(8)]
+    stacked = torch.stack(tensors)
+    return Case(lambda: ring_all_reduce(tensors), lambda: stacked.sum(0), "torch.sum",
+                f"8 x {numel} fp32", work=8 * numel * 4, work_unit="bytes")
 # --- Chapter 11: deployment ------------------------------------------------------------
 
 
