@@ -405,6 +405,8 @@ def _bench_ring_all_reduce(device, quick):
     stacked = torch.stack(tensors)
     return Case(lambda: ring_all_reduce(tensors), lambda: stacked.sum(0), "torch.sum",
                 f"8 x {numel} fp32", work=8 * numel * 4, work_unit="bytes")
+
+
 # --- Chapter 11: deployment ------------------------------------------------------------
 
 
