@@ -407,6 +407,34 @@ def _bench_ring_all_reduce(device, quick):
                 f"8 x {numel} fp32", work=8 * numel * 4, work_unit="bytes")
 
 
+# --- Chapter 11: deployment ------------------------------------------------------------
+
+
+@benchmark("gpt forward: onnx runtime vs eager pytorch", "11")
+def _bench_onnx_runtime(device, quick):
+    """Logits of chapter 4's GPT shape, ONNX Runtime (CPU, as many intra-op threads as
+    torch has) against eager PyTorch on the CPU. Both sides always run on the CPU."""
+    import tempfile
+    from pathlib import Path
+
+    from companion import export
+
+    model = _small_gpt("cpu", quick).eval()
+    B, T = (2, 32) if quick else (8, 128)
+    x = torch.randint(103, (B, T), generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory() as folder:
+        path = export.export_onnx(export.export_program(model), Path(folder) / "gpt.onnx")
+        session = export.onnx_session(path, threads=torch.get_num_threads())
+
+    def eager():
+        with torch.no_grad():
+            model(x)
+
+    c = model.config
+    return Case(lambda: export.onnx_logits(session, x), eager, "eager pytorch (cpu)",
+                f"L={c.n_layer} d={c.n_embd} B={B} T={T}, CPU", work=B * T, work_unit="tokens")
+
+
 # =========================================================================== command line
 
 
