@@ -126,7 +126,7 @@ def fake_quantize(w: torch.Tensor, bits: int = 8, axis: int | None = None,
 
 
 def quantized_bytes(numel: int, bits: int, n_params: int, symmetric: bool = True) -> int:
-    """Storage of ``numel`` packed ``bits``-bit integers plus float32 scales (and int8 zero points)."""
+    """Bytes of ``numel`` packed ``bits``-bit integers + float32 scales (+ int8 zero points)."""
     return (numel * bits + 7) // 8 + n_params * (4 if symmetric else 5)
 
 

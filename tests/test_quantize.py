@@ -8,8 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from companion.quantize import (dequantize, fake_quantize, pack_int4, quantize,
-                                quantize_linear_weights, quantized_bytes, unpack_int4)
+from companion.quantize import (
+    dequantize,
+    fake_quantize,
+    pack_int4,
+    quantize,
+    quantize_linear_weights,
+    quantized_bytes,
+    unpack_int4,
+)
 
 
 def _weights(seed=0, shape=(48, 64)) -> torch.Tensor:
