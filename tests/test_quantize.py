@@ -84,7 +84,8 @@ def test_error_at_most_half_a_step(bits, symmetric, mode, device):
         step = s.repeat_interleave(16, dim=1)
     err = (w_hat.double() - w.double()).abs()
     step = step.double()
-    assert bool((err <= step / 2 * (1 + 1e-6) + 1e-12).all())
+    slack = 2.0 ** -22 * w.abs().max().double()     # float32 rounding of w / s and (q - z) * s
+    assert bool((err <= step / 2 + slack).all())
     assert bool((w_hat[7] == 0).all())          # the zero channel stays exactly zero
     assert torch.equal(fake_quantize(w, bits, symmetric=symmetric, **kw), w_hat)
 
