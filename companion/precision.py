@@ -48,7 +48,7 @@ class Format:
 
     @property
     def epsilon(self) -> float:
-        """Gap between 1 and the next larger number: ``2^-M``."""
+        """The gap between 1 and the next larger number, ``2^-M``."""
         return 2.0 ** -self.mantissa_bits
 
 
