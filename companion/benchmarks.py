@@ -389,6 +389,52 @@ def _bench_integrated_gradients(device, quick):
                 work=batch * n_steps, work_unit="path points")
 
 
+# --- Chapter 7: efficiency ---------------------------------------------------------------
+
+
+@benchmark("int8 weight-only matvec vs float32 (ours = int8)", "7")
+def _bench_int8_matvec(device, quick):
+    """One token's matrix-vector product: int8 weights with per-channel scales
+    (``torch._weight_int8pack_mm``, CPU) against the float32 product. Ratio < 1: int8 faster."""
+    from companion.quantize import quantize
+
+    n = 512 if quick else 4096
+    g = torch.Generator().manual_seed(0)
+    W, x = torch.randn(n, n, generator=g), torch.randn(1, n, generator=g)
+    q, scale, _ = quantize(W, 8, axis=0)
+    W, x, q, scale = W.to(device), x.to(device), q.to(device), scale.to(device)
+    return Case(lambda: torch._weight_int8pack_mm(x, q, scale), lambda: x @ W.T,
+                "float32 x @ W.T", f"{n}x{n}, batch 1", work=n * n, work_unit="weights")
+
+
+@benchmark("50 %-sparse dense matmul vs dense (ours = zeros)", "7")
+def _bench_sparse_dense(device, quick):
+    """Magnitude-pruned (50 % zeros) weight in a dense matmul vs the unpruned weight:
+    the same dense kernel, so the ratio stays near 1. Unstructured zeros save no time."""
+    from companion.prune import magnitude_mask
+
+    n = 256 if quick else 1024
+    g = torch.Generator().manual_seed(0)
+    W, x = torch.randn(n, n, generator=g), torch.randn(256, n, generator=g)
+    W_sparse = W * magnitude_mask(W, 0.5)
+    W, W_sparse, x = W.to(device), W_sparse.to(device), x.to(device)
+    return Case(lambda: x @ W_sparse.T, lambda: x @ W.T, "dense x @ W.T",
+                f"256x{n} @ {n}x{n}", work=256 * n * n, work_unit="MACs")
+
+
+@benchmark("half-width matmul (structured) vs dense (ours = pruned)", "7")
+def _bench_structured(device, quick):
+    """Half the output rows removed (structured pruning) vs the full dense weight: ratio
+    near 0.5, because the kernel does half the multiply-adds."""
+    n = 256 if quick else 1024
+    g = torch.Generator().manual_seed(0)
+    W, x = torch.randn(n, n, generator=g), torch.randn(256, n, generator=g)
+    W_half = W[: n // 2].clone()
+    W, W_half, x = W.to(device), W_half.to(device), x.to(device)
+    return Case(lambda: x @ W_half.T, lambda: x @ W.T, "dense x @ W.T",
+                f"256x{n} @ {n}x{n}", work=256 * n * n, work_unit="MACs")
+
+
 # --- Chapter 8: distributed training ----------------------------------------------------
 
 
