@@ -43,6 +43,7 @@ __all__ = [
     "rdp_epsilon",
     "rdp_sampled_gaussian",
     "tpr_bound",
+    "train_dp_sgd",
 ]
 
 #: Rényi orders searched by :func:`rdp_epsilon` (the same list as Opacus's RDP accountant).
@@ -162,8 +163,10 @@ def privatize_gradients(grads: dict[str, torch.Tensor], max_grad_norm: float,
     for name, g in grads.items():  # g: (B, *shape)
         summed = torch.einsum("i,i...", factor.to(g.dtype), g)  # (*shape)
         if std > 0:
-            summed = summed + torch.normal(0, std, size=summed.shape, device=summed.device,
-                                           generator=generator, dtype=summed.dtype)
+            where = summed.device if generator is None else generator.device
+            noise = torch.normal(0, std, size=summed.shape, device=where, generator=generator,
+                                 dtype=summed.dtype)  # drawn where the generator lives
+            summed = summed + noise.to(summed.device)
         out[name] = summed / expected_batch_size
     return out
 
@@ -323,3 +326,24 @@ def tpr_bound(epsilon: float, delta: float, fpr: float) -> float:
     check_float("fpr", fpr, 0, 1)
     return min(math.exp(epsilon) * fpr + delta,
                1 - math.exp(-epsilon) * (1 - delta - fpr), 1.0)
+
+
+
+def train_dp_sgd(model: nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tensor,
+                 y: torch.Tensor, *, sample_rate: float, steps: int, max_grad_norm: float,
+                 noise_multiplier: float, loss_fn: Callable = nn.functional.cross_entropy,
+                 generator: torch.Generator | None = None) -> None:
+    """Train with DP-SGD: ``steps`` Poisson-sampled batches (:func:`poisson_batches`),
+    each through :func:`dp_sgd_step` with expected batch size ``round(sample_rate * N)``.
+    Batches and noise are drawn from ``generator`` (a CPU generator; noise for a model
+    on another device is drawn on the CPU and moved). The privacy spent is
+    ``rdp_epsilon(noise_multiplier, sample_rate, steps, delta)``.
+    """
+    check_tensor("X", X)
+    check_tensor("y", y)
+    batch = max(1, round(sample_rate * len(X)))
+    for rows in poisson_batches(len(X), sample_rate, steps, generator=generator):
+        rows = rows.to(X.device)
+        dp_sgd_step(model, optimizer, loss_fn, X[rows], y[rows], max_grad_norm=max_grad_norm,
+                    noise_multiplier=noise_multiplier, expected_batch_size=batch,
+                    generator=generator)
