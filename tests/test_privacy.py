@@ -29,6 +29,7 @@ from companion.privacy import (
     rdp_epsilon,
     rdp_sampled_gaussian,
     tpr_bound,
+    train_dp_sgd,
 )
 
 
@@ -317,3 +318,18 @@ def test_membership_scores_and_auc_match_roc_auc_score():
     assert membership_auc(torch.ones(3), torch.zeros(4), n_resamples=10).estimate == 1.0
     with pytest.raises(ValueError, match="non-empty"):
         membership_auc(torch.ones(3), torch.zeros(0))
+
+
+def test_train_dp_sgd_without_noise_or_clipping_is_full_batch_sgd():
+    # q = 1: every example in every batch; a huge C: nothing clipped; sigma = 0: no noise
+    x, y = _data("mlp", n=12)
+    ours, reference = _mlp(), _mlp()
+    train_dp_sgd(ours, torch.optim.SGD(ours.parameters(), lr=0.3), x, y, sample_rate=1.0,
+                 steps=5, max_grad_norm=1e6, noise_multiplier=0.0)
+    opt = torch.optim.SGD(reference.parameters(), lr=0.3)
+    for _ in range(5):
+        opt.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        opt.step()
+    for a, b in zip(ours.parameters(), reference.parameters()):
+        assert (a - b).detach().abs().max() < 1e-12
