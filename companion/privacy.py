@@ -147,7 +147,8 @@ def privatize_gradients(grads: dict[str, torch.Tensor], max_grad_norm: float,
     a Poisson-sampled batch, not its actual size, which would itself leak). The
     :math:`10^{-6}` is Opacus's guard against dividing by zero. Noise is drawn with
     ``torch.normal`` from ``generator``, one parameter after the other in ``grads``'
-    order, as Opacus draws it, so a shared seed gives Opacus's noise bit for bit.
+    order, as Opacus draws it, so a shared seed gives Opacus's noise (the tests check the
+    whole step against ``opacus.optimizers.DPOptimizer`` to 1e-12 in float64).
     An empty batch (``B = 0``) yields pure noise.
     """
     check_float("max_grad_norm", max_grad_norm, 0, low_open=True)
