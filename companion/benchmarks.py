@@ -17,6 +17,7 @@ Speed is measured here, never asserted in a test: timings depend on the machine.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 from collections.abc import Callable
@@ -479,6 +480,40 @@ def _bench_onnx_runtime(device, quick):
     c = model.config
     return Case(lambda: export.onnx_logits(session, x), eager, "eager pytorch (cpu)",
                 f"L={c.n_layer} d={c.n_embd} B={B} T={T}, CPU", work=B * T, work_unit="tokens")
+
+
+# --- Chapter 9: privacy ----------------------------------------------------------------
+
+
+@benchmark("per-sample gradients: torch.func vs opacus GradSampleModule", "9")
+def _bench_per_sample_gradients(device, quick):
+    """Per-example gradients of a two-layer MLP on a batch of digits-sized inputs."""
+    import warnings
+
+    from opacus import GradSampleModule
+
+    from companion.privacy import per_sample_gradients
+
+    batch, hidden = (16, 32) if quick else (256, 256)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.ReLU(),
+                                torch.nn.Linear(hidden, 10)).to(device)
+    gsm = GradSampleModule(copy.deepcopy(model), loss_reduction="mean")
+    x = torch.rand(batch, 64, generator=torch.Generator().manual_seed(0)).to(device)
+    y = (torch.arange(batch) % 10).to(device)
+    loss = torch.nn.functional.cross_entropy
+
+    def ours():
+        per_sample_gradients(model, loss, x, y)
+
+    def reference():
+        gsm.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the inputs do not require gradients
+            loss(gsm(x), y).backward()
+
+    return Case(ours, reference, "opacus GradSampleModule",
+                f"B={batch}, MLP 64-{hidden}-10", work=batch, work_unit="examples")
 
 
 # =========================================================================== command line
