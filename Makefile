@@ -2,7 +2,7 @@
 #   make book       build the HTML book into _build/html (warnings are errors)
 #   make test       unit tests + strict nbval over every notebook, one pytest run
 #   make notebooks  re-execute every notebook in place (refresh stored outputs)
-#   make test-portable  nbval over every notebook under other CPU kernels (AVX2, none, MKL)
+#   make test-portable  nbval over every notebook under other CPU kernels (none, AVX2 + MKL)
 #   make benchmarks time the reference code against PyTorch / scikit-learn / Captum
 #   make benchmark-tables  refresh the tables of the benchmark appendix
 #   make test-browser  build the book, open every page in headless Chromium with no network
