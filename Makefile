@@ -2,6 +2,7 @@
 #   make book       build the HTML book into _build/html (warnings are errors)
 #   make test       unit tests + strict nbval over every notebook, one pytest run
 #   make notebooks  re-execute every notebook in place (refresh stored outputs)
+#   make test-portable  nbval over every notebook under other CPU kernels (AVX2, none, MKL)
 #   make benchmarks time the reference code against PyTorch / scikit-learn / Captum
 #   make benchmark-tables  refresh the tables of the benchmark appendix
 
@@ -16,7 +17,7 @@ JOBS   ?= 2
 export PYTHONHASHSEED := 0
 export COMPANION_DEVICE ?= cpu
 
-.PHONY: all book test notebooks benchmarks benchmark-tables lint clean
+.PHONY: all book test test-portable notebooks benchmarks benchmark-tables lint clean
 
 all: test book
 
@@ -32,6 +33,11 @@ book: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadscope
+
+# The notebooks again under the CPU code paths of other readers' machines
+# (tests/portability.py): they must pass under every one.
+test-portable: $(STAMP)
+	$(BIN)/python tests/portability.py --jobs $(JOBS)
 
 notebooks: $(STAMP)
 	$(BIN)/python tests/execute_notebooks.py $(NOTEBOOKS)

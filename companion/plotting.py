@@ -45,7 +45,9 @@ def use_book_style() -> None:
     """Set the book's matplotlib/seaborn style for the rest of the session.
 
     Idempotent. In a notebook it also selects PNG figures for the inline backend,
-    which is what the stored outputs of the book contain.
+    which is what the stored outputs of the book contain, at a fixed size: the figure's
+    own size times ``figure.dpi`` (no cropping to the drawn content), so that a stored
+    figure and a fresh one can be compared pixel by pixel (``tests/nbval_tolerant.py``).
     """
     sns.set_theme(context="notebook", style="whitegrid", palette=PALETTE, rc=_RC)
     try:  # only inside IPython/Jupyter
@@ -53,7 +55,7 @@ def use_book_style() -> None:
         from matplotlib_inline.backend_inline import set_matplotlib_formats
 
         if get_ipython() is not None:
-            set_matplotlib_formats("png")
+            set_matplotlib_formats("png", bbox_inches=None)
     except ImportError:  # pragma: no cover - IPython is not required outside notebooks
         pass
 

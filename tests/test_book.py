@@ -153,3 +153,31 @@ def test_make_notebooks_merges_consecutive_streams():
     assert [(o.output_type, o.get("name"), o.get("text")) for o in merged] == [
         ("stream", "stdout", "a\nb\n"), ("stream", "stderr", "w\n"), ("stream", "stdout", "c\n"),
         ("execute_result", None, None), ("stream", "stdout", "d\n")]
+
+
+def test_few_cells_escape_the_comparison(notebook):
+    """Cells left out of the output comparison are timings and the like: at most 5 % of a
+    notebook's code cells (rounded up), so that portability is never bought by comparing
+    less. Each such cell's claim is asserted in a compared cell."""
+    import math
+
+    path, nb = notebook
+    cells = _code_cells(nb)
+    tags = {"nbval-ignore-output", "nbval-skip"}
+    escaped = [i for i, c in enumerate(cells)
+               if re.search(r"^\s*#\s*NBVAL_(IGNORE_OUTPUT|SKIP)\b", _source(c), re.MULTILINE)
+               or tags & set(c.get("metadata", {}).get("tags", []))]
+    assert len(escaped) <= math.ceil(0.05 * len(cells)), (
+        f"{path.name}: code cells {escaped} are not compared ({len(escaped)} of {len(cells)})")
+
+
+def test_tolerance_markers_are_well_formed(notebook):
+    """Every NBVAL_TOLERANCE marker parses and gives its reason (tests/nbval_tolerant.py)."""
+    from nbval_tolerant import parse_tolerance
+
+    path, nb = notebook
+    for i, cell in enumerate(_code_cells(nb)):
+        try:
+            parse_tolerance(_source(cell))
+        except ValueError as err:
+            raise AssertionError(f"{path.name} code cell {i}: {err}") from None

@@ -135,11 +135,10 @@ def test_pydoc_text_is_frozen_and_checked(monkeypatch, tmp_path):
 
 
 def test_no_module_reads_the_running_pythons_files():
+    import re
     from pathlib import Path
 
     import companion
-
-    import re
 
     for module in Path(companion.__file__).parent.glob("*.py"):
         source = module.read_text(encoding="utf-8")

@@ -59,3 +59,24 @@ def test_heatmap_accepts_tensor_and_rejects_1d():
     assert ax.get_title() == "I" and len(ax.collections) == 1
     with pytest.raises(ValueError, match="2-D"):
         plotting.heatmap(torch.ones(3), ax, title="t", xlabel="x", ylabel="y")
+
+
+def test_notebook_figures_have_a_fixed_size_in_pixels():
+    """What the inline backend stores: figsize x dpi pixels, whatever is drawn."""
+    import base64
+    import io
+
+    from IPython.core.pylabtools import print_figure
+    from matplotlib import image
+
+    plotting.use_book_style()
+    sizes = set()
+    for label in ("short", "a much longer title than the other one " * 3):
+        fig, ax = plotting.subplots()
+        ax.plot([0, 1], [0, 1e6], label=label)
+        plotting.label(ax, label, "x (units)", "y (units)")
+        png = print_figure(fig, "png", bbox_inches=None, base64=True)
+        pixels = image.imread(io.BytesIO(base64.b64decode(png)), format="png")
+        sizes.add(pixels.shape[:2])
+    dpi = plt.rcParams["figure.dpi"]
+    assert sizes == {(round(plotting.FIGSIZE[1] * dpi), round(plotting.FIGSIZE[0] * dpi))}
