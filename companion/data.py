@@ -119,8 +119,9 @@ def load_pydoc_text() -> str:
     return _read_frozen_text(PYDOC_TEXT_FILE, PYDOC_TEXT_SHA256)
 
 
-#: The second domain of chapter 10: Python source code, the standard-library modules below
-#: of CPython 3.11.7 (PSF licence), each preceded by a line ``# ===== Lib/NAME.py =====``.
+#: Chapter 10's second domain, Python source code -- the standard-library modules of
+#: :data:`STDLIB_MODULES` from CPython 3.11.7 (PSF licence), each preceded by a line
+#: ``# ===== Lib/NAME.py =====``.
 STDLIB_SOURCE_FILE = Path(__file__).resolve().parent / "assets" / "stdlib_source.txt"
 #: SHA-256 of :data:`STDLIB_SOURCE_FILE`'s bytes (UTF-8).
 STDLIB_SOURCE_SHA256 = "ede63ccb86b36910afb251f4c20461292ca7e460b0c6492eb320879386017922"
@@ -133,7 +134,7 @@ STDLIB_MODULES = ("abc", "bisect", "colorsys", "copy", "fnmatch", "functools", "
 def load_stdlib_source() -> str:
     """The source code of :data:`STDLIB_MODULES` as CPython 3.11.7 ships them (253,978
     characters), read from the package's asset file and checked against
-    :data:`STDLIB_SOURCE_SHA256`; never from the running Python. Book: chapter 10.
+    :data:`STDLIB_SOURCE_SHA256`, never from the running Python (book: chapter 10).
     Raises ``RuntimeError`` if the file was altered.
     """
     return _read_frozen_text(STDLIB_SOURCE_FILE, STDLIB_SOURCE_SHA256)

@@ -33,6 +33,7 @@ from companion.scale import TransformerConfig, training_memory
 from companion.train import LMHistory, fixed_windows, train_language_model
 from companion.transformer import GPT
 
+#: The ways :func:`prepare_adaptation` knows, from most to fewest trainable parameters.
 METHODS = ("full", "last_block", "head", "lora")
 
 
@@ -142,8 +143,8 @@ def steps_to_reach(history: LMHistory, target: float) -> int | None:
 
 # --------------------------------------------------------------------------- at scale
 
-#: QLoRA's frozen weights: 4-bit NormalFloat plus double-quantised block constants,
-#: 0.127 bits per parameter :cite:p:`dettmers2023qlora`.
+#: Bits per frozen weight in QLoRA -- 4-bit NormalFloat plus double-quantised block
+#: constants, 0.127 bits per parameter :cite:p:`dettmers2023qlora`.
 QLORA_BITS_PER_PARAMETER = 4 + 8 / 64 + 32 / (64 * 256)
 
 
