@@ -92,7 +92,7 @@ def load_breast_cancer_split(test_size: float = 0.25, seed: int = 0, device=None
 # --------------------------------------------------------------------------- text
 
 
-#: The frozen corpus: CPython 3.11.7's ``pydoc_data.topics``, values joined by newlines in
+#: The frozen corpus, CPython 3.11.7's ``pydoc_data.topics``, values joined by newlines in
 #: key order (PSF licence; see ``assets/README.md``).
 PYDOC_TEXT_FILE = Path(__file__).resolve().parent / "assets" / "pydoc_topics.txt"
 #: SHA-256 of :data:`PYDOC_TEXT_FILE`'s bytes (UTF-8).
