@@ -5,6 +5,8 @@
 #   make test-portable  nbval over every notebook under other CPU kernels (AVX2, none, MKL)
 #   make benchmarks time the reference code against PyTorch / scikit-learn / Captum
 #   make benchmark-tables  refresh the tables of the benchmark appendix
+#   make test-browser  build the book, open every page in headless Chromium with no network
+#                      and check what it shows (SCREENSHOTS=1: PNGs in _build/screenshots)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -17,7 +19,7 @@ JOBS   ?= 2
 export PYTHONHASHSEED := 0
 export COMPANION_DEVICE ?= cpu
 
-.PHONY: all book test test-portable notebooks benchmarks benchmark-tables lint clean
+.PHONY: all book test test-portable test-browser notebooks benchmarks benchmark-tables lint clean
 
 all: test book
 
@@ -38,6 +40,27 @@ test: $(STAMP)
 # (tests/portability.py): they must pass under every one.
 test-portable: $(STAMP)
 	$(BIN)/python tests/portability.py --jobs $(JOBS)
+
+# Browser check: Playwright (requirements-browser.txt) drives Debian's chromium, which is
+# installed with apt-get when missing (as root, or through sudo), with a small Chinese font
+# (fonts-wqy-microhei, 1.6 MB) so that the glossary's terms are not drawn as empty boxes.
+BROWSER_STAMP := $(VENV)/.installed-browser
+CHROMIUM      ?= $(shell command -v chromium || echo /usr/bin/chromium)
+SUDO          := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+$(BROWSER_STAMP): requirements-browser.txt $(STAMP)
+	$(BIN)/python -m pip install --quiet -r requirements-browser.txt
+	touch $(BROWSER_STAMP)
+
+test-browser: $(BROWSER_STAMP)
+	@{ test -x $(CHROMIUM) && fc-list :lang=zh | grep -q .; } || { $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends \
+	  chromium fonts-wqy-microhei; }
+	$(BIN)/python tests/vendor_js.py --check
+	$(MAKE) book
+	rm -rf _build/screenshots
+	timeout --kill-after=30 1200 $(BIN)/python tests/browser_check.py _build/html \
+	  --chromium $(CHROMIUM) $(if $(SCREENSHOTS),--screenshots _build/screenshots)
 
 notebooks: $(STAMP)
 	$(BIN)/python tests/execute_notebooks.py $(NOTEBOOKS)

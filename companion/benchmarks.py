@@ -389,6 +389,70 @@ def _bench_integrated_gradients(device, quick):
                 work=batch * n_steps, work_unit="path points")
 
 
+# --- Chapter 7: efficiency ---------------------------------------------------------------
+
+
+@benchmark("int8 weight-only matvec vs float32 (ours = int8)", "7")
+def _bench_int8_matvec(device, quick):
+    """One token's matrix-vector product: int8 weights with per-channel scales
+    (``torch._weight_int8pack_mm``, CPU) against the float32 product. Ratio < 1: int8 faster."""
+    from companion.quantize import quantize
+
+    n = 512 if quick else 4096
+    g = torch.Generator().manual_seed(0)
+    W, x = torch.randn(n, n, generator=g), torch.randn(1, n, generator=g)
+    q, scale, _ = quantize(W, 8, axis=0)
+    W, x, q, scale = W.to(device), x.to(device), q.to(device), scale.to(device)
+    return Case(lambda: torch._weight_int8pack_mm(x, q, scale), lambda: x @ W.T,
+                "float32 x @ W.T", f"{n}x{n}, batch 1", work=n * n, work_unit="weights")
+
+
+@benchmark("50 %-sparse dense matmul vs dense (ours = zeros)", "7")
+def _bench_sparse_dense(device, quick):
+    """Magnitude-pruned (50 % zeros) weight in a dense matmul vs the unpruned weight:
+    the same dense kernel, so the ratio stays near 1. Unstructured zeros save no time."""
+    from companion.prune import magnitude_mask
+
+    n = 256 if quick else 1024
+    g = torch.Generator().manual_seed(0)
+    W, x = torch.randn(n, n, generator=g), torch.randn(256, n, generator=g)
+    W_sparse = W * magnitude_mask(W, 0.5)
+    W, W_sparse, x = W.to(device), W_sparse.to(device), x.to(device)
+    return Case(lambda: x @ W_sparse.T, lambda: x @ W.T, "dense x @ W.T",
+                f"256x{n} @ {n}x{n}", work=256 * n * n, work_unit="MACs")
+
+
+@benchmark("half-width matmul (structured) vs dense (ours = pruned)", "7")
+def _bench_structured(device, quick):
+    """Half the output rows removed (structured pruning) vs the full dense weight: ratio
+    near 0.5, because the kernel does half the multiply-adds."""
+    n = 256 if quick else 1024
+    g = torch.Generator().manual_seed(0)
+    W, x = torch.randn(n, n, generator=g), torch.randn(256, n, generator=g)
+    W_half = W[: n // 2].clone()
+    W, W_half, x = W.to(device), W_half.to(device), x.to(device)
+    return Case(lambda: x @ W_half.T, lambda: x @ W.T, "dense x @ W.T",
+                f"256x{n} @ {n}x{n}", work=256 * n * n, work_unit="MACs")
+
+
+# --- Chapter 8: distributed training ----------------------------------------------------
+
+
+@benchmark("ring all-reduce, 8 simulated ranks: simulation vs one torch.sum", "8")
+def _bench_ring_all_reduce(device, quick):
+    """The ring simulation of companion.distributed (14 sends of 1/8 of the tensor per
+    rank, each a separate small operation) against summing the 8 tensors in one call:
+    the price of showing every message. Real collectives are timed by their processes."""
+    from companion.distributed import ring_all_reduce
+
+    numel = 2**12 if quick else 2**20
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(numel, generator=g).to(device) for _ in range(8)]
+    stacked = torch.stack(tensors)
+    return Case(lambda: ring_all_reduce(tensors), lambda: stacked.sum(0), "torch.sum",
+                f"8 x {numel} fp32", work=8 * numel * 4, work_unit="bytes")
+
+
 # --- Chapter 10: fine-tuning -----------------------------------------------------------
 
 
@@ -445,6 +509,32 @@ def _bench_lora_vs_peft(device, quick):
                 f"L={c.n_layer} d={c.n_embd} r=4 B={B} T={T}", work=B * T, work_unit="tokens")
 
 
+# --- Chapter 11: deployment ------------------------------------------------------------
+
+
+@benchmark("gpt forward: onnx runtime vs eager pytorch", "11")
+def _bench_onnx_runtime(device, quick):
+    """Logits of chapter 4's GPT shape, ONNX Runtime (CPU, as many intra-op threads as
+    torch has) against eager PyTorch on the CPU. Both sides always run on the CPU."""
+    import tempfile
+    from pathlib import Path
+
+    from companion import export
+
+    model = _small_gpt("cpu", quick).eval()
+    B, T = (2, 32) if quick else (8, 128)
+    x = torch.randint(103, (B, T), generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory() as folder:
+        path = export.export_onnx(export.export_program(model), Path(folder) / "gpt.onnx")
+        session = export.onnx_session(path, threads=torch.get_num_threads())
+
+    def eager():
+        with torch.no_grad():
+            model(x)
+
+    c = model.config
+    return Case(lambda: export.onnx_logits(session, x), eager, "eager pytorch (cpu)",
+                f"L={c.n_layer} d={c.n_embd} B={B} T={T}, CPU", work=B * T, work_unit="tokens")
 # =========================================================================== command line
 
 

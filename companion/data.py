@@ -92,8 +92,8 @@ def load_breast_cancer_split(test_size: float = 0.25, seed: int = 0, device=None
 # --------------------------------------------------------------------------- text
 
 
-#: The frozen corpus, CPython 3.11.7's ``pydoc_data.topics``, values joined by newlines in
-#: key order (PSF licence; see ``assets/README.md``).
+#: Path of the frozen corpus, CPython 3.11.7's ``pydoc_data.topics`` with its values joined
+#: by newlines in key order (PSF licence; see ``assets/README.md``).
 PYDOC_TEXT_FILE = Path(__file__).resolve().parent / "assets" / "pydoc_topics.txt"
 #: SHA-256 of :data:`PYDOC_TEXT_FILE`'s bytes (UTF-8).
 PYDOC_TEXT_SHA256 = "2a95af4ac93f5b719944030ce3769070ddf827d847cba42192afa8da989e5dc4"

@@ -52,7 +52,11 @@ DEFAULT_IMAGE_RMS = 1.0
 MARKER = "NBVAL_TOLERANCE"
 _MARKER_LINE = re.compile(rf"^\s*#\s*{MARKER}\b(?P<body>.*)$", re.MULTILINE)
 _KEYS = ("rtol", "atol", "image")
-TEXT_KEYS = ("text/plain", "text/html", "text/markdown", "text/latex", "stdout", "stderr")
+# Values glued with myst_nb.glue(..., display=False) are stored under this MIME type: the
+# numbers that the prose pastes, compared like the printed ones.
+GLUE_KEY = "application/papermill.record/text/plain"
+TEXT_KEYS = ("text/plain", "text/html", "text/markdown", "text/latex", "stdout", "stderr",
+             GLUE_KEY)
 IMAGE_KEYS = ("image/png",)
 # A number not glued to a word: "0.25", "-3", "1e-13", ".5"; a full stop after it is text.
 # "float16", "e4m3", "x1" and "3x" stay text (and are compared exactly).

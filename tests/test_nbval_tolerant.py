@@ -89,6 +89,13 @@ def test_html_tables_compare_their_numbers():
     assert not compare_value("application/json", {"a": 1}, {"a": 2}, LOOSE).ok
 
 
+def test_glued_values_compare_their_numbers():
+    glued = "application/papermill.record/text/plain"  # myst_nb.glue(..., display=False)
+    assert compare_value(glued, "0.994", "0.997", Tolerance(rtol=5e-3, reason="test")).ok
+    assert not compare_value(glued, "0.994", "0.997", EXACT).ok
+    assert not compare_value(glued, "0.994", "0.497", LOOSE).ok
+
+
 @pytest.mark.parametrize("source, expected", [
     ("x = 1", Tolerance()),
     ("# NBVAL_TOLERANCE rtol=2e-2: trained loss\nx = 1",

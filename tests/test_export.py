@@ -1,0 +1,114 @@
+"""companion.export: safetensors round trip, the pickle payload, torch.export and ONNX Runtime
+against eager PyTorch."""
+
+import pickle
+
+import pytest
+import torch
+
+from companion import export
+from companion.transformer import GPT, GPTConfig
+
+LENGTHS = (1, 2, 17, 64, 128)
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, block_size=128, n_layer=2, n_head=2, n_embd=16)).eval()
+    return model, "abcdefghij "
+
+
+@pytest.fixture(scope="module")
+def program(gpt):
+    return export.export_program(gpt[0], max_batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def session(program, tmp_path_factory):
+    path = export.export_onnx(program, tmp_path_factory.mktemp("onnx") / "gpt.onnx")
+    return export.onnx_session(path)
+
+
+def test_safetensors_round_trip_is_exact_and_reties_the_head(gpt, tmp_path):
+    model, vocab = gpt
+    path = export.save_gpt(model, vocab, tmp_path / "gpt.safetensors")
+    loaded, loaded_vocab = export.load_gpt(path)
+    assert loaded_vocab == vocab and loaded.config == model.config
+    assert loaded.lm_head.weight is loaded.token_embedding.weight
+    state, ours = model.state_dict(), loaded.state_dict()
+    assert state.keys() == ours.keys()
+    assert all(torch.equal(state[k], ours[k]) for k in state)
+    x = torch.randint(0, 11, (3, 20))
+    assert torch.equal(model(x)[0], loaded(x)[0])
+    # the file is a JSON header plus raw bytes: no pickle opcodes, nothing to execute
+    raw = path.read_bytes()
+    header = int.from_bytes(raw[:8], "little")
+    assert raw[8:9] == b"{" and b"config" in raw[8:8 + header]
+
+
+def test_safetensors_bad_input(gpt, tmp_path):
+    model, vocab = gpt
+    with pytest.raises(ValueError, match="vocab"):
+        export.save_gpt(model, vocab[:-1], tmp_path / "x.safetensors")
+    with pytest.raises(TypeError, match="model"):
+        export.save_gpt("model", vocab, tmp_path / "x.safetensors")
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="metadata"):
+        export.load_gpt(tmp_path / "plain.safetensors")
+
+
+def test_pickle_payload_runs_only_without_weights_only(gpt, tmp_path):
+    model, _ = gpt
+    path = export.write_pickle_with_payload(tmp_path / "bad.pt", model.state_dict(), "ran")
+    assert "companion.export._record_payload" in export.pickle_calls(path)
+    before = len(export.PAYLOAD_CALLS)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+    assert len(export.PAYLOAD_CALLS) == before
+    loaded = torch.load(path, weights_only=False)
+    assert export.PAYLOAD_CALLS[before:] == ["ran"] and loaded["note"] == "ran"
+    # an honest checkpoint names only torch's rebuild functions
+    torch.save(model.state_dict(), tmp_path / "ok.pt")
+    assert all(name.startswith(("torch.", "collections.")) for name in
+               export.pickle_calls(tmp_path / "ok.pt"))
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_exported_program_equals_eager(gpt, program, length):
+    model, _ = gpt
+    x = torch.randint(0, 11, (3, length), generator=torch.Generator().manual_seed(length))
+    with torch.no_grad():
+        assert torch.equal(program.module()(x), model(x)[0])
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("batch", (1, 5))
+def test_onnx_runtime_matches_eager_in_float32(gpt, session, batch, length):
+    model, _ = gpt
+    x = torch.randint(0, 11, (batch, length), generator=torch.Generator().manual_seed(length))
+    with torch.no_grad():
+        expected = model(x)[0]
+    got = export.onnx_logits(session, x)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    # float32: different kernels and fusions, same maths; logits are O(1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_exported_program_rejects_shapes_outside_its_range(program):
+    with pytest.raises(Exception, match=r"Guard failed: idx\.size\(\)\[1\] <= 128"):
+        program.module()(torch.zeros(1, 129, dtype=torch.long))
+    with pytest.raises(Exception, match=r"Guard failed: idx\.size\(\)\[0\] <= 8"):
+        program.module()(torch.zeros(9, 4, dtype=torch.long))
+
+
+def test_export_bad_input(gpt):
+    with pytest.raises(TypeError, match="model"):
+        export.export_program(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="max_batch_size"):
+        export.export_program(gpt[0], max_batch_size=1)
+    with pytest.raises(TypeError, match="program"):
+        export.export_onnx(gpt[0], "x.onnx")
+    with pytest.raises(ValueError, match="threads"):
+        export.onnx_session("x.onnx", threads=0)
