@@ -454,6 +454,62 @@ def _bench_ring_all_reduce(device, quick):
                 f"8 x {numel} fp32", work=8 * numel * 4, work_unit="bytes")
 
 
+# --- Chapter 10: fine-tuning -----------------------------------------------------------
+
+
+def _finetune_step(model, x):
+    """One AdamW step on ``model``'s trainable parameters, as a zero-argument callable."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def step():
+        _, loss = model(x, x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def _finetune_case(device, quick, method):
+    """A training step of the chapter-4-sized GPT adapted by ``method``, against full
+    fine-tuning of the same model: the ratio is the step time relative to full."""
+    from companion.finetune import prepare_adaptation
+
+    B, T = (4, 64) if quick else (8, 64)
+    x = torch.randint(103, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
+    full = _small_gpt(device, quick)
+    adapted = prepare_adaptation(_small_gpt(device, quick), method)
+    c = full.config
+    return Case(_finetune_step(adapted, x), _finetune_step(full, x), "full fine-tuning",
+                f"L={c.n_layer} d={c.n_embd} B={B} T={T}", work=B * T, work_unit="tokens")
+
+
+@benchmark("fine-tuning step: LoRA r=4 (attention + MLP) vs full", "10")
+def _bench_lora_vs_full(device, quick):
+    return _finetune_case(device, quick, "lora")
+
+
+@benchmark("fine-tuning step: linear probe vs full", "10")
+def _bench_probe_vs_full(device, quick):
+    return _finetune_case(device, quick, "head")
+
+
+@benchmark("LoRA training step: ours vs peft get_peft_model", "10")
+def _bench_lora_vs_peft(device, quick):
+    from peft import LoraConfig, get_peft_model
+
+    from companion.lora import add_lora
+
+    B, T = (4, 64) if quick else (8, 64)
+    x = torch.randint(103, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
+    targets = ["in_proj", "out_proj", "mlp.0", "mlp.2"]
+    ours = add_lora(_small_gpt(device, quick), targets, rank=4, alpha=8)
+    peft = get_peft_model(_small_gpt(device, quick),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    c = ours.config
+    return Case(_finetune_step(ours, x), _finetune_step(peft, x), "peft LoRA",
+                f"L={c.n_layer} d={c.n_embd} r=4 B={B} T={T}", work=B * T, work_unit="tokens")
+
+
 # --- Chapter 11: deployment ------------------------------------------------------------
 
 

@@ -11,6 +11,10 @@
   the language models of chapters 4 to 6. The running Python's own copy is never read:
   it is regenerated for every Python release, and another release would mean another
   corpus and a checkpoint that no longer fits its vocabulary.
+* :func:`load_stdlib_source`, :func:`map_to_vocabulary` -- chapter 10's second domain:
+  the source code of 15 standard-library modules of CPython 3.11.7, frozen in
+  ``assets/stdlib_source.txt`` and checked the same way, and its mapping onto the
+  pretrained model's character vocabulary.
 
 Everything returns tensors; pass ``device=`` to put them on a GPU.
 """
@@ -95,6 +99,16 @@ PYDOC_TEXT_FILE = Path(__file__).resolve().parent / "assets" / "pydoc_topics.txt
 PYDOC_TEXT_SHA256 = "2a95af4ac93f5b719944030ce3769070ddf827d847cba42192afa8da989e5dc4"
 
 
+def _read_frozen_text(path: Path, expected_sha256: str) -> str:
+    """The UTF-8 text of an asset file whose bytes must have SHA-256 ``expected_sha256``."""
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != expected_sha256:
+        raise RuntimeError(f"{path.name} has SHA-256 {digest}, expected "
+                           f"{expected_sha256}: the frozen corpus was altered")
+    return data.decode("utf-8")
+
+
 def load_pydoc_text() -> str:
     """Python's help topics (``pydoc_data.topics`` of CPython 3.11.7), the same bytes everywhere.
 
@@ -102,12 +116,46 @@ def load_pydoc_text() -> str:
     every reader trains and evaluates on the same text whatever Python runs the book.
     Raises ``RuntimeError`` if the file was altered.
     """
-    data = PYDOC_TEXT_FILE.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != PYDOC_TEXT_SHA256:
-        raise RuntimeError(f"{PYDOC_TEXT_FILE.name} has SHA-256 {digest}, expected "
-                           f"{PYDOC_TEXT_SHA256}: the frozen corpus was altered")
-    return data.decode("utf-8")
+    return _read_frozen_text(PYDOC_TEXT_FILE, PYDOC_TEXT_SHA256)
+
+
+#: Chapter 10's second domain, Python source code -- the standard-library modules of
+#: :data:`STDLIB_MODULES` from CPython 3.11.7 (PSF licence), each preceded by a line
+#: ``# ===== Lib/NAME.py =====``.
+STDLIB_SOURCE_FILE = Path(__file__).resolve().parent / "assets" / "stdlib_source.txt"
+#: SHA-256 of :data:`STDLIB_SOURCE_FILE`'s bytes (UTF-8).
+STDLIB_SOURCE_SHA256 = "ede63ccb86b36910afb251f4c20461292ca7e460b0c6492eb320879386017922"
+#: The modules in :data:`STDLIB_SOURCE_FILE`, in file order.
+STDLIB_MODULES = ("abc", "bisect", "colorsys", "copy", "fnmatch", "functools", "heapq",
+                  "keyword", "queue", "random", "shlex", "statistics", "string", "textwrap",
+                  "tokenize")
+
+
+def load_stdlib_source() -> str:
+    """The source code of :data:`STDLIB_MODULES` as CPython 3.11.7 ships them (253,978
+    characters), read from the package's asset file and checked against
+    :data:`STDLIB_SOURCE_SHA256`, never from the running Python (book: chapter 10).
+    Raises ``RuntimeError`` if the file was altered.
+    """
+    return _read_frozen_text(STDLIB_SOURCE_FILE, STDLIB_SOURCE_SHA256)
+
+
+def map_to_vocabulary(text: str, vocabulary, replacement: str = "?") -> tuple[str, int]:
+    """``text`` with every character outside ``vocabulary`` replaced by ``replacement``.
+
+    Returns the mapped text and the number of characters replaced. A character-level
+    model has no input for a character it never saw: its embedding row does not exist.
+    Replacing it by one known character keeps the text's length and every other
+    character; the model is then scored on predicting the replacement there.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    known = set(vocabulary)
+    if not isinstance(replacement, str) or len(replacement) != 1 or replacement not in known:
+        raise ValueError(f"replacement must be one character of the vocabulary, "
+                         f"got {replacement!r}")
+    mapped = "".join(ch if ch in known else replacement for ch in text)
+    return mapped, sum(ch not in known for ch in text)
 
 
 class CharTokenizer:
@@ -161,13 +209,19 @@ class CharCorpus:
         The corpus; defaults to :func:`load_pydoc_text`.
     val_fraction:
         Fraction of characters held out for validation.
+    tokenizer:
+        The vocabulary to encode with (e.g. a pretrained model's, for a new domain mapped
+        with :func:`map_to_vocabulary`); by default, the text's own characters.
     """
 
-    def __init__(self, text: str | None = None, val_fraction: float = 0.1):
+    def __init__(self, text: str | None = None, val_fraction: float = 0.1,
+                 tokenizer: CharTokenizer | None = None):
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if tokenizer is not None and not isinstance(tokenizer, CharTokenizer):
+            raise TypeError(f"tokenizer must be a CharTokenizer, got {type(tokenizer).__name__}")
         self.text = load_pydoc_text() if text is None else text
-        self.tokenizer = CharTokenizer(self.text)
+        self.tokenizer = CharTokenizer(self.text) if tokenizer is None else tokenizer
         ids = self.tokenizer.encode(self.text)
         n_train = int(len(ids) * (1.0 - val_fraction))
         self.train_ids, self.val_ids = ids[:n_train], ids[n_train:]

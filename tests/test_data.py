@@ -143,3 +143,49 @@ def test_no_module_reads_the_running_pythons_files():
     for module in Path(companion.__file__).parent.glob("*.py"):
         source = module.read_text(encoding="utf-8")
         assert not re.search(r"(from|import)\s+pydoc_data", source), module.name
+
+
+def test_stdlib_source_is_frozen_checked_and_complete(monkeypatch, tmp_path):
+    import hashlib
+
+    import companion.data as data
+
+    raw = data.STDLIB_SOURCE_FILE.read_bytes()
+    assert hashlib.sha256(raw).hexdigest() == data.STDLIB_SOURCE_SHA256
+    text = data.load_stdlib_source()
+    assert len(text) == 253_978
+    headers = [line for line in text.splitlines() if line.startswith("# ===== Lib/")]
+    assert headers == [f"# ===== Lib/{m}.py =====" for m in data.STDLIB_MODULES]
+    assert text.startswith(headers[0]) and "def bisect_left(" in text
+    altered = tmp_path / "stdlib_source.txt"
+    altered.write_bytes(raw.replace(b"def ", b"def  ", 1))
+    monkeypatch.setattr(data, "STDLIB_SOURCE_FILE", altered)
+    with pytest.raises(RuntimeError, match="SHA-256"):
+        data.load_stdlib_source()
+
+
+def test_map_to_vocabulary_replaces_only_unknown_characters():
+    from companion.data import load_stdlib_source, map_to_vocabulary
+
+    assert map_to_vocabulary("a$b`c", "abc?") == ("a?b?c", 2)
+    assert map_to_vocabulary("", "a", "a") == ("", 0)
+    vocabulary = set(load_pydoc_text())
+    source = load_stdlib_source()
+    mapped, replaced = map_to_vocabulary(source, vocabulary)
+    assert len(mapped) == len(source) and set(mapped) <= vocabulary
+    assert replaced == sum(a != b for a, b in zip(source, mapped)) == 165
+    with pytest.raises(ValueError, match="replacement"):
+        map_to_vocabulary("abc", "abc", "$")
+    with pytest.raises(TypeError, match="text"):
+        map_to_vocabulary(b"abc", "abc")
+
+
+def test_corpus_with_a_given_tokenizer_keeps_its_ids():
+    tokenizer = CharTokenizer("abcdef")
+    corpus = CharCorpus("face" * 10, tokenizer=tokenizer)
+    assert corpus.vocab_size == 6
+    assert corpus.train_ids[:4].tolist() == [5, 0, 2, 4]
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        CharCorpus("xyz", tokenizer=tokenizer)
+    with pytest.raises(TypeError, match="tokenizer"):
+        CharCorpus("abc", tokenizer="abc")
