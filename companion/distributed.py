@@ -113,6 +113,15 @@ def _ring_all_gather(chunks: list[list[torch.Tensor]], sent: list[int]) -> None:
             sent[r] += message.numel() * message.element_size()
 
 
+def _ring_inputs(tensors):
+    """Checked rank tensors, each cut into ``n`` chunks, and a zero byte count per rank."""
+    tensors = _check_rank_tensors("tensors", tensors)
+    _check_same_shape("tensors", tensors)
+    n = len(tensors)
+    chunks = [list(torch.tensor_split(t.reshape(-1), n)) for t in tensors]
+    return tensors, chunks, [0] * n
+
+
 def ring_reduce_scatter(tensors) -> Collective:
     """Ring reduce-scatter: rank ``r`` ends with the sum over ranks of chunk ``r``.
 
@@ -122,13 +131,9 @@ def ring_reduce_scatter(tensors) -> Collective:
     neighbour, which adds it to its own copy, so each rank sends ``(n - 1) / n`` of the
     tensor.
     """
-    tensors = _check_rank_tensors("tensors", tensors)
-    _check_same_shape("tensors", tensors)
-    n = len(tensors)
-    chunks = [list(torch.tensor_split(t.reshape(-1), n)) for t in tensors]
-    sent = [0] * n
+    tensors, chunks, sent = _ring_inputs(tensors)
     _ring_reduce_scatter(chunks, sent)
-    return Collective([chunks[r][r] for r in range(n)], sent)
+    return Collective([chunks[r][r] for r in range(len(tensors))], sent)
 
 
 def ring_all_gather(chunks) -> Collective:
@@ -150,11 +155,7 @@ def ring_all_reduce(tensors) -> Collective:
     Each rank sends ``2 (n - 1) / n * S`` bytes for a tensor of ``S`` bytes (exactly,
     when ``n`` divides its length), the bandwidth-optimal amount for any ``n``.
     """
-    tensors = _check_rank_tensors("tensors", tensors)
-    _check_same_shape("tensors", tensors)
-    n = len(tensors)
-    chunks = [list(torch.tensor_split(t.reshape(-1), n)) for t in tensors]
-    sent = [0] * n
+    tensors, chunks, sent = _ring_inputs(tensors)
     _ring_reduce_scatter(chunks, sent)
     _ring_all_gather(chunks, sent)
     shape = tensors[0].shape
