@@ -209,6 +209,23 @@ def _child(worker, rank: int, world_size: int, port: int, timeout: float, args, 
     results.put(buffer.getvalue())
 
 
+def _failures(errors: dict[int, str], results, pending: int, grace: float = 2.0) -> str:
+    """Every failed rank's traceback, in rank order. When one rank fails its peers fail
+    too ("connection closed by peer"), in an order the operating system decides; the
+    reports that arrive within ``grace`` seconds are gathered so that the root cause is
+    always among them."""
+    end = time.monotonic() + grace
+    while len(errors) < pending and time.monotonic() < end:
+        try:
+            status, rank, value = torch.load(io.BytesIO(results.get(timeout=0.1)),
+                                             weights_only=True)
+        except queue_module.Empty:
+            continue
+        if status == "error":
+            errors[rank] = value
+    return "\n".join(f"launch: rank {r} failed:\n{errors[r]}" for r in sorted(errors))
+
+
 def launch(worker, world_size: int, *args, timeout: float = 120.0) -> list:
     """Run ``worker(rank, world_size, *args)`` in ``world_size`` processes on gloo.
 
@@ -217,7 +234,8 @@ def launch(worker, world_size: int, *args, timeout: float = 120.0) -> list:
     a free port of 127.0.0.1 (the operating system picks it, so two launches never
     collide). ``worker`` must be a module-level function (a notebook's own functions
     cannot be pickled for a new process). An exception in a worker is raised here as a
-    ``RuntimeError`` with its traceback; past ``timeout`` seconds a ``TimeoutError``.
+    ``RuntimeError`` with the traceback of every rank that failed; past ``timeout``
+    seconds a ``TimeoutError``.
     Either way, and on success, every process is ended before this returns.
     """
     if not callable(worker):
@@ -251,7 +269,7 @@ def launch(worker, world_size: int, *args, timeout: float = 120.0) -> list:
                 continue
             status, rank, value = torch.load(io.BytesIO(raw), weights_only=True)
             if status == "error":
-                raise RuntimeError(f"launch: rank {rank} failed:\n{value}")
+                raise RuntimeError(_failures({rank: value}, results, world_size - len(outputs)))
             outputs[rank] = value
     finally:
         for p in processes:
