@@ -459,14 +459,9 @@ def _bench_ring_all_reduce(device, quick):
 
 def _finetune_step(model, x):
     """One AdamW step on ``model``'s trainable parameters, as a zero-argument callable."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    from companion.finetune import make_optimizer, training_step
 
-    def step():
-        _, loss = model(x, x)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return step
+    return training_step(model, x, x, make_optimizer(model, 1e-3))
 
 
 def _finetune_case(device, quick, method):

@@ -21,13 +21,18 @@ arithmetic for full fine-tuning, LoRA and QLoRA of a published model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from companion._validate import check_choice, check_float, check_int, check_type
-from companion.data import CharCorpus
+from companion.data import CharCorpus, load_stdlib_source, map_to_vocabulary
 from companion.lora import add_lora
 from companion.scale import TransformerConfig, training_memory
 from companion.train import LMHistory, fixed_windows, train_language_model
@@ -86,6 +91,21 @@ def make_optimizer(model: nn.Module, lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
+def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  optimizer: torch.optim.Optimizer):
+    """One optimizer step of ``model(x, y)``'s loss, as a zero-argument callable to time
+    (:func:`companion.benchmarks.time_callable`); the same step as :func:`fine_tune`'s
+    without gradient clipping. Each call trains ``model``: time a copy."""
+    check_type("optimizer", optimizer, torch.optim.Optimizer)
+
+    def step():
+        _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
 @dataclass(frozen=True)
 class FineTuneSettings:
     """The small budget every method gets in the chapter."""
@@ -96,6 +116,23 @@ class FineTuneSettings:
     lr: float = 1e-3
     eval_every: int = 20
     eval_windows: int = 24
+
+
+#: The budget of every run in the book's second fine-tuning section (10b): 40 AdamW steps
+#: of 8 windows of 32 characters, evaluated every 10 steps on 32 fixed windows.
+BOOK_SETTINGS = FineTuneSettings(steps=40, batch_size=8, block_size=32, lr=1e-3,
+                                 eval_every=10, eval_windows=32)
+
+
+def load_code_corpus(tokenizer) -> tuple[CharCorpus, int]:
+    """Chapter 10's second domain on the pretrained model's ids.
+
+    :func:`companion.data.load_stdlib_source` mapped onto ``tokenizer``'s vocabulary
+    (:func:`companion.data.map_to_vocabulary`). Returns the corpus and the number of
+    characters replaced.
+    """
+    text, replaced = map_to_vocabulary(load_stdlib_source(), tokenizer.itos)
+    return CharCorpus(text, tokenizer=tokenizer), replaced
 
 
 def fine_tune(model: GPT, corpus: CharCorpus, settings: FineTuneSettings = FineTuneSettings(),
@@ -131,6 +168,20 @@ def fine_tune(model: GPT, corpus: CharCorpus, settings: FineTuneSettings = FineT
     return train_language_model(model, optimizer, get_batch, steps=s.steps,
                                 eval_every=s.eval_every, eval_batches=eval_batches,
                                 grad_clip=1.0, autocast_dtype=None)
+
+
+def train_from_scratch(config, corpus: CharCorpus, settings: FineTuneSettings = BOOK_SETTINGS,
+                       *, seed: int = 0, device=None) -> tuple[GPT, LMHistory]:
+    """A fresh :class:`~companion.transformer.GPT` of ``config``, initialised after
+    ``torch.manual_seed(seed)`` and trained by :func:`fine_tune` with ``seed``.
+
+    The baseline of "what pre-training buys": the same architecture, data and budget, no
+    pretrained weights. Returns the model and its history.
+    """
+    check_int("seed", seed, low=0)
+    torch.manual_seed(seed)
+    model = GPT(config).to(device or "cpu")
+    return model, fine_tune(model, corpus, settings, seed=seed)
 
 
 def steps_to_reach(history: LMHistory, target: float) -> int | None:
@@ -183,3 +234,82 @@ def finetuning_memory(n_params, method: str, n_trainable=0) -> float:
     frozen = 2.0 if method == "lora" else QLORA_BITS_PER_PARAMETER / 8
     return frozen * n_params + training_memory(n_trainable, "fp32", "adam").total
 
+
+
+# --------------------------------------------------------------- the long scratch record
+
+#: The recorded long from-scratch runs on the code (see :func:`record_scratch_runs`).
+SCRATCH_RECORD = Path(__file__).resolve().parent / "assets" / "scratch_on_code.json"
+
+
+def _scratch_worker(job: tuple[int, int]) -> dict:
+    seed, steps = job
+    from companion.pretrained import load_pretrained_gpt
+
+    torch.set_num_threads(1)
+    pretrained, pydoc = load_pretrained_gpt("cpu")
+    corpus, _ = load_code_corpus(pydoc.tokenizer)
+    start = time.perf_counter()
+    _, history = train_from_scratch(pretrained.config, corpus,
+                                    replace(BOOK_SETTINGS, steps=steps), seed=seed)
+    return {"seed": seed, "seconds": round(time.perf_counter() - start, 1),
+            "eval_step": history.eval_step, "val_loss": history.val_loss}
+
+
+def record_scratch_runs(steps: int, seeds=(0, 1, 2), jobs: int = 1,
+                        path: str | Path = SCRATCH_RECORD) -> dict:
+    """Train from scratch on the code for ``steps`` steps per seed and write the curves.
+
+    Each run is :func:`train_from_scratch` with :data:`BOOK_SETTINGS` but ``steps`` steps,
+    on one CPU thread (``jobs`` runs in parallel processes). A run takes about 50 ms per
+    step on one core, minutes in all -- too long for a notebook -- so the book reads the
+    record (:func:`load_scratch_record`) and re-computes its first
+    :data:`BOOK_SETTINGS` ``.steps`` steps to check it. Returns what was written.
+    """
+    import multiprocessing
+
+    check_int("steps", steps, low=BOOK_SETTINGS.steps)
+    check_int("jobs", jobs, low=1)
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        runs = pool.map(_scratch_worker, [(seed, steps) for seed in seeds])
+    record = {"what": "validation loss on the code, training from scratch "
+                      "(companion.finetune.record_scratch_runs)",
+              "torch": torch.__version__, "threads": 1,
+              "settings": asdict(replace(BOOK_SETTINGS, steps=steps)),
+              "runs": runs}
+    Path(path).write_text(json.dumps(record, separators=(",", ":")) + "\n")
+    return record
+
+
+def load_scratch_record(path: str | Path = SCRATCH_RECORD) -> dict[int, LMHistory]:
+    """The recorded from-scratch runs: ``{seed: LMHistory}`` (``eval_step``, ``val_loss``).
+
+    Raises ``ValueError`` if the record was made with other settings than
+    :data:`BOOK_SETTINGS` (apart from the number of steps).
+    """
+    record = json.loads(Path(path).read_text())
+    settings = FineTuneSettings(**record["settings"])
+    if replace(settings, steps=BOOK_SETTINGS.steps) != BOOK_SETTINGS:
+        raise ValueError(f"{path} was recorded with {settings}, not the book's "
+                         f"{BOOK_SETTINGS} (apart from steps): re-record it")
+    return {run["seed"]: LMHistory(eval_step=run["eval_step"], val_loss=run["val_loss"])
+            for run in record["runs"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m companion.finetune --steps N``: re-record :data:`SCRATCH_RECORD`."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--out", default=str(SCRATCH_RECORD))
+    args = parser.parse_args(argv)
+    record = record_scratch_runs(args.steps, args.seeds, args.jobs, args.out)
+    for run in record["runs"]:
+        print(f"seed {run['seed']}: {run['seconds']:.0f} s, final validation loss "
+              f"{run['val_loss'][-1]:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

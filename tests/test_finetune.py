@@ -4,21 +4,28 @@ torch.optim.AdamW allocates them, rehearsal batches, and the at-scale memory ari
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 
 from companion.data import CharCorpus
 from companion.finetune import (
+    BOOK_SETTINGS,
     QLORA_BITS_PER_PARAMETER,
+    SCRATCH_RECORD,
     FineTuneSettings,
     fine_tune,
     finetuning_memory,
+    load_code_corpus,
+    load_scratch_record,
     lora_shapes,
     make_optimizer,
     optimizer_state_bytes,
     prepare_adaptation,
     steps_to_reach,
+    train_from_scratch,
+    training_step,
     untie_head,
 )
 from companion.lora import count_parameters
@@ -95,6 +102,64 @@ def test_steps_to_reach():
     history = LMHistory(eval_step=[0, 10, 20], val_loss=[3.0, 2.0, 1.5])
     assert steps_to_reach(history, 2.0) == 10
     assert steps_to_reach(history, 1.0) is None
+
+
+def test_training_step_is_one_adamw_step_of_fine_tune_without_clipping():
+    x = torch.randint(V, (3, 8), generator=torch.Generator().manual_seed(1))
+    ours, reference = tiny_gpt(), tiny_gpt()
+    step = training_step(ours, x, x, make_optimizer(ours, 1e-2))
+    step()
+    step()
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(2):
+        optimizer.zero_grad()
+        reference(x, x)[1].backward()
+        optimizer.step()
+    for (name, p), q in zip(ours.named_parameters(), reference.parameters()):
+        assert torch.equal(p, q), name
+    with pytest.raises(TypeError, match="optimizer"):
+        training_step(ours, x, x, None)
+
+
+def test_train_from_scratch_is_seeded_and_matches_a_manual_run():
+    corpus = CharCorpus("abcdefg" * 40)
+    config = tiny_gpt().config
+    settings = FineTuneSettings(steps=4, batch_size=2, block_size=8, eval_every=2,
+                                eval_windows=2)
+    model, history = train_from_scratch(config, corpus, settings, seed=3)
+    torch.manual_seed(3)
+    manual = GPT(config)
+    assert fine_tune(manual, corpus, settings, seed=3).val_loss == history.val_loss
+    assert train_from_scratch(config, corpus, settings, seed=3)[1].val_loss == history.val_loss
+    assert train_from_scratch(config, corpus, settings, seed=4)[1].val_loss != history.val_loss
+    with pytest.raises(ValueError, match="seed"):
+        train_from_scratch(config, corpus, settings, seed=-1)
+
+
+def test_code_corpus_uses_the_given_vocabulary():
+    from companion.data import CharTokenizer
+
+    tokenizer = CharTokenizer("abcdefghijklmnopqrstuvwxyz ?\n")
+    corpus, replaced = load_code_corpus(tokenizer)
+    assert corpus.tokenizer is tokenizer and corpus.vocab_size == len(tokenizer.itos)
+    assert replaced > 0 and len(corpus.train_ids) + len(corpus.val_ids) == 253_978
+
+
+def test_scratch_record_is_the_book_settings_and_starts_where_a_fresh_model_does(tmp_path):
+    record = load_scratch_record()
+    assert sorted(record) == [0, 1, 2]
+    first = list(range(0, BOOK_SETTINGS.steps + 1, BOOK_SETTINGS.eval_every))
+    for history in record.values():
+        assert history.eval_step[:len(first)] == first
+        assert len(history.eval_step) == len(history.val_loss) > 100
+        # an untrained model predicts about uniformly over the 103 characters: ln 103
+        assert abs(history.val_loss[0] - torch.log(torch.tensor(103.0)).item()) < 0.2
+    changed = json.loads(SCRATCH_RECORD.read_text())
+    changed["settings"]["lr"] = 3e-3
+    path = tmp_path / "record.json"
+    path.write_text(json.dumps(changed))
+    with pytest.raises(ValueError, match="re-record"):
+        load_scratch_record(path)
 
 
 def test_lora_shapes_and_memory_arithmetic():
