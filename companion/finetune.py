@@ -118,8 +118,8 @@ class FineTuneSettings:
     eval_windows: int = 24
 
 
-#: The budget of every run in the book's second fine-tuning section (10b): 40 AdamW steps
-#: of 8 windows of 32 characters, evaluated every 10 steps on 32 fixed windows.
+#: The budget of every run in sections 10b and 10c of the book -- 40 AdamW steps of 8
+#: windows of 32 characters, evaluated every 10 steps on 32 fixed windows.
 BOOK_SETTINGS = FineTuneSettings(steps=40, batch_size=8, block_size=32, lr=1e-3,
                                  eval_every=10, eval_windows=32)
 
