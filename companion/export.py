@@ -194,6 +194,9 @@ def export_onnx(program: torch.export.ExportedProgram, path: str | Path) -> Path
     """Convert an :func:`export_program` result to an ONNX file (weights inside) and check it.
 
     The input is named ``idx`` (int64, ``(batch, length)``), the output ``logits``.
+    The exporter records, on every node, the Python stack that created it -- file paths
+    of the machine that exported; they are dropped (:func:`strip_stack_traces`), so the
+    same model gives the same file wherever it is exported from.
     """
     import onnx
 
@@ -202,9 +205,40 @@ def export_onnx(program: torch.export.ExportedProgram, path: str | Path) -> Path
     with _quiet_onnx_exporter():
         onnx_program = torch.onnx.export(program, dynamo=True, external_data=False,
                                          output_names=["logits"], verbose=False)
-        onnx_program.save(str(path), external_data=False)
+    model = strip_stack_traces(onnx_program.model_proto)
+    onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path))
     return path
+
+
+#: The node metadata key under which the exporter stores a node's Python stack trace.
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+
+
+def strip_stack_traces(model):
+    """Remove :data:`STACK_TRACE_KEY` from every node of an ``onnx.ModelProto`` (its graph,
+    subgraphs and functions), in place; returns ``model``. The other metadata -- module
+    names, the FX node -- describe the model, not the machine, and stay."""
+
+    def strip_graph(graph):
+        for node in graph.node:
+            strip_node(node)
+
+    def strip_node(node):
+        kept = [kv for kv in node.metadata_props if kv.key != STACK_TRACE_KEY]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                strip_graph(attribute.g)
+            for graph in attribute.graphs:
+                strip_graph(graph)
+
+    strip_graph(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            strip_node(node)
+    return model
 
 
 def onnx_session(path: str | Path, threads: int = 1):
@@ -231,4 +265,5 @@ def onnx_logits(session, idx: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["PAYLOAD_CALLS", "save_gpt", "load_gpt", "write_pickle_with_payload", "pickle_calls",
-           "ExportableGPT", "export_program", "export_onnx", "onnx_session", "onnx_logits"]
+           "ExportableGPT", "export_program", "export_onnx", "STACK_TRACE_KEY",
+           "strip_stack_traces", "onnx_session", "onnx_logits"]

@@ -2,6 +2,7 @@
 against eager PyTorch."""
 
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,9 +26,51 @@ def program(gpt):
 
 
 @pytest.fixture(scope="module")
-def session(program, tmp_path_factory):
-    path = export.export_onnx(program, tmp_path_factory.mktemp("onnx") / "gpt.onnx")
-    return export.onnx_session(path)
+def onnx_path(program, tmp_path_factory):
+    return export.export_onnx(program, tmp_path_factory.mktemp("onnx") / "gpt.onnx")
+
+
+@pytest.fixture(scope="module")
+def session(onnx_path):
+    return export.onnx_session(onnx_path)
+
+
+def test_onnx_file_records_no_path_of_the_exporting_machine(onnx_path):
+    import onnx
+
+    raw = onnx_path.read_bytes()
+    package = Path(export.__file__).resolve().parent
+    assert str(package).encode() not in raw and b"export.py" not in raw
+    model = onnx.load(str(onnx_path))
+    keys = {kv.key for node in model.graph.node for kv in node.metadata_props}
+    assert export.STACK_TRACE_KEY not in keys
+    assert "namespace" in keys  # what describes the model stays
+
+
+def test_strip_stack_traces_reaches_subgraphs_and_functions():
+    from onnx import TensorProto, helper
+
+    def node(name, *inputs, **attributes):
+        n = helper.make_node("Identity" if not attributes else "If", list(inputs), [name],
+                             **attributes)
+        helper.set_metadata_props(n, {export.STACK_TRACE_KEY: "File /home/x.py", "keep": "1"})
+        return n
+
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    branch = helper.make_graph([node("y", "x")], "branch", [], [out])
+    graph = helper.make_graph([node("c", "x"), node("y", "c", then_branch=branch,
+                                                    else_branch=branch)],
+                              "main", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [out])
+    function = helper.make_function("local", "f", ["x"], ["y"], [node("y", "x")],
+                                    [helper.make_opsetid("", 18)])
+    model = helper.make_model(graph, functions=[function])
+    assert export.strip_stack_traces(model) is model
+    nodes = [*model.graph.node, *model.graph.node[1].attribute[0].g.node,
+             *model.graph.node[1].attribute[1].g.node, *model.functions[0].node]
+    assert len(nodes) == 5
+    for n in nodes:
+        assert [(kv.key, kv.value) for kv in n.metadata_props] == [("keep", "1")]
 
 
 def test_safetensors_round_trip_is_exact_and_reties_the_head(gpt, tmp_path):
