@@ -23,6 +23,7 @@ from torch import nn
 from torch.func import functional_call
 
 from companion.backprop import Layer, _check_input, _real
+from companion.claims import max_abs_diff
 
 
 @contextmanager
@@ -149,8 +150,8 @@ def check_gradients(layer: Layer, x: torch.Tensor, upstream: torch.Tensor | None
 
         numeric.append(numerical_gradient(f, tensor, eps))
     return GradientCheck(
-        autograd=max((h - a).abs().max().item() for h, a in zip(hand, auto)),
-        finite_differences=max((h - n).abs().max().item() for h, n in zip(hand, numeric)))
+        autograd=max_abs_diff(zip(hand, auto)),
+        finite_differences=max_abs_diff(zip(hand, numeric)))
 
 
 class _HandWrittenBackward(torch.autograd.Function):
