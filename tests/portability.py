@@ -27,19 +27,32 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-_MKL_COMPATIBLE = {"MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-#: name -> environment. ``native`` is what ``make test`` already runs (the best kernels
-#: this CPU has), so it is not repeated; ``avx512`` runs only where the CPU has it. The
-#: default set runs ``default`` and ``avx2-mkl`` (AVX2 kernels with MKL and oneDNN in
-#: their compatible modes, one run for two variations, to keep CI within its budget);
-#: ``avx2`` and ``mkl-compatible`` alone are there to tell the two apart.
+#: name -> environment. Each variant simulates a CPU that exists: PyTorch's own kernels
+#: (``ATEN_CPU_CAPABILITY``) and oneDNN's (``ONEDNN_MAX_CPU_ISA``, which runs the float32
+#: and bfloat16 matmuls and convolutions) are limited together. Limiting ATen alone gives
+#: a CPU that no one has, and on a CPU with AMX oneDNN's native bfloat16 kernels then
+#: meet ATen code that refuses them ("pack_vnni2 is only supported when avx512 is").
+#:
+#: * ``default``: the oldest x86-64 path (SSE4.1, no AVX), as on very old or emulated CPUs.
+#: * ``avx2-mkl``: a laptop or desktop without AVX-512, with MKL in its reproducible mode
+#:   (``MKL_CBWR=COMPATIBLE``): one run for two variations, to keep CI within budget.
+#: * ``avx512-core``: AVX-512 without its bfloat16/fp16/AMX extensions, like most AVX-512
+#:   cloud servers; bfloat16 arithmetic is then emulated.
+#: * ``avx512``: AVX-512 with whatever extensions this CPU has.
+#: ``native`` is what ``make test`` already runs; ``avx2`` and ``mkl-compatible`` alone
+#: are there to tell the two parts of ``avx2-mkl`` apart.
 VARIANTS: dict[str, dict[str, str]] = {
-    "default": {"ATEN_CPU_CAPABILITY": "default"},
-    "avx2-mkl": {"ATEN_CPU_CAPABILITY": "avx2", **_MKL_COMPATIBLE},
+    "default": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"},
+    "avx2-mkl": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                 "MKL_CBWR": "COMPATIBLE"},
+    "avx512-core": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
     "avx512": {"ATEN_CPU_CAPABILITY": "avx512"},
-    "avx2": {"ATEN_CPU_CAPABILITY": "avx2"},
-    "mkl-compatible": _MKL_COMPATIBLE,
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "mkl-compatible": {"MKL_CBWR": "COMPATIBLE"},
 }
+
+_AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
+_BF16_HARDWARE = {"avx512_bf16", "amx_bf16"}
 
 
 def _cpu_flags() -> set[str]:
@@ -60,8 +73,10 @@ def available_variants() -> list[str]:
     flags = _cpu_flags()
     names = ["default"]
     names.append("avx2-mkl" if "avx2" in flags else "mkl-compatible")
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
-        names.append("avx512")
+    if _AVX512 <= flags:
+        # On a CPU with bfloat16 hardware, the AVX-512 machines without it are the ones
+        # whose arithmetic differs; on one without, plain AVX-512 is that machine.
+        names.append("avx512-core" if flags & _BF16_HARDWARE else "avx512")
     return names
 
 
