@@ -15,7 +15,7 @@
   exactly, other numbers to the printed digits or to the tolerance a cell declares with
   ``# NBVAL_TOLERANCE``, figures by their RMS pixel difference.
 * After the run, the terminal summary lists how long each notebook took under nbval
-  (kernel start included), slowest first: the book's budget is 60 s per notebook on a
+  (kernel start included), slowest first: the book's budget is 45 s per notebook on a
   2-core CPU. It is a report, not a test: timings vary by machine.
 """
 
@@ -47,6 +47,6 @@ def pytest_runtest_logreport(report):
 def pytest_terminal_summary(terminalreporter):
     if not _notebook_seconds:
         return
-    terminalreporter.section("notebook wall time under nbval (budget: 60 s each on 2 CPU cores)")
+    terminalreporter.section("notebook wall time under nbval (budget: 45 s each on 2 CPU cores)")
     for path, seconds in sorted(_notebook_seconds.items(), key=lambda kv: -kv[1]):
         terminalreporter.write_line(f"{seconds:7.1f} s  {path}")
