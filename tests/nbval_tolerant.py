@@ -18,6 +18,12 @@ without letting a mistake through:
 
   and a number then passes when ``|fresh - stored| <= atol + rtol * |stored|``. The
   tolerance is a measured spread (``make test-portable`` and a few seeds), not a guess.
+  A tolerance covers the number that needs it, not the whole cell: ``on=NAME`` scopes a
+  marker to the glued values and the output lines whose key or text contains ``NAME``
+  (:func:`companion.claims.claim` prints its key on its line); every other number in the
+  cell keeps the cell's unscoped tolerance (default: exact digits). A cell may have one
+  unscoped marker and one marker per name. An unscoped ``rtol`` above
+  :data:`MAX_UNSCOPED_RTOL` and any ``image`` above :data:`MAX_IMAGE_RMS` are refused.
 * **Figures** (``image/png``) are decoded and compared by their RMS pixel difference on
   the 0-255 scale, as ``matplotlib.testing.compare`` does; they must have the same size.
   The default, :data:`DEFAULT_IMAGE_RMS`, absorbs anti-aliasing of lines that moved by
@@ -48,10 +54,16 @@ import numpy as np
 #: data moved only by rounding error differ by at most 0.41 (most by under 0.1), while
 #: the same figure with one curve halved differs by more than 10 (the unit tests).
 DEFAULT_IMAGE_RMS = 1.0
+#: Largest declared image tolerance: the same figure with one curve halved differs by
+#: more than 10, so a larger tolerance would let such a mistake through.
+MAX_IMAGE_RMS = 10.0
+#: Largest relative tolerance a marker may declare for every number of a cell; a wider
+#: one must name the number it covers (``on=``).
+MAX_UNSCOPED_RTOL = 0.05
 
 MARKER = "NBVAL_TOLERANCE"
 _MARKER_LINE = re.compile(rf"^\s*#\s*{MARKER}\b(?P<body>.*)$", re.MULTILINE)
-_KEYS = ("rtol", "atol", "image")
+_KEYS = ("rtol", "atol", "image", "on")
 # Values glued with myst_nb.glue(..., display=False) are stored under this MIME type: the
 # numbers that the prose pastes, compared like the printed ones.
 GLUE_KEY = "application/papermill.record/text/plain"
@@ -71,43 +83,89 @@ class Tolerance:
     atol: float = 0.0
     image: float = DEFAULT_IMAGE_RMS
     reason: str = ""
+    on: str = ""  # the glue key or line label the tolerance is scoped to ("" = the cell)
 
     @property
     def exact_digits(self) -> bool:
         return self.rtol == 0.0 and self.atol == 0.0
 
 
-def parse_tolerance(source: str) -> Tolerance:
-    """The tolerance a cell's source declares (default: exact digits).
+@dataclass(frozen=True)
+class CellTolerances:
+    """A cell's unscoped tolerance and its tolerances scoped by name (``on=``)."""
 
-    Raises ``ValueError`` for a malformed marker: more than one, an unknown key, a
-    negative or non-finite value, or a missing reason.
-    """
-    markers = _MARKER_LINE.findall(source)
-    if not markers:
-        return Tolerance()
-    if len(markers) > 1:
-        raise ValueError(f"one {MARKER} line per cell, found {len(markers)}")
-    body = markers[0]
+    default: Tolerance = Tolerance()
+    scoped: tuple[Tolerance, ...] = ()
+
+    def for_line(self, line: str) -> Tolerance:
+        """The tolerance of the numbers on one output line: the first scoped name it contains."""
+        return next((t for t in self.scoped if t.on in line), self.default)
+
+    def for_glue(self, name: str) -> Tolerance:
+        """The tolerance of a glued value: the first scoped name its key contains."""
+        return next((t for t in self.scoped if t.on in name), self.default)
+
+
+def _parse_marker(body: str) -> Tolerance:
     spec, colon, reason = body.partition(":")
     reason = reason.strip()
     if not colon or not reason:
         raise ValueError(f"{MARKER} needs a reason after a colon, e.g. "
                          f"'# {MARKER} rtol=1e-2: loss after training; CPU kernels differ'")
-    values: dict[str, float] = {}
+    values: dict[str, float | str] = {}
     for item in spec.split():
         key, eq, value = item.partition("=")
-        if key not in _KEYS or not eq:
+        if key not in _KEYS or not eq or not value:
             raise ValueError(f"{MARKER}: expected key=value with key in {_KEYS}, got {item!r}")
         if key in values:
             raise ValueError(f"{MARKER}: {key} given twice")
+        if key == "on":
+            values[key] = value
+            continue
         number = float(value)
         if not math.isfinite(number) or number < 0:
             raise ValueError(f"{MARKER}: {key} must be a finite number >= 0, got {value!r}")
         values[key] = number
-    if not values:
-        raise ValueError(f"{MARKER}: give at least one of {_KEYS}")
-    return Tolerance(reason=reason, **values)
+    if not set(values) - {"on"}:
+        raise ValueError(f"{MARKER}: give at least one of {_KEYS[:3]}")
+    tol = Tolerance(reason=reason, **values)
+    if tol.image > MAX_IMAGE_RMS:
+        raise ValueError(f"{MARKER}: image={tol.image:g} is above {MAX_IMAGE_RMS:g}, the RMS "
+                         "of a figure with one curve halved; compare the plotted data or "
+                         "plot a stable seed band instead")
+    if not tol.on and tol.rtol > MAX_UNSCOPED_RTOL:
+        raise ValueError(f"{MARKER}: rtol={tol.rtol:g} above {MAX_UNSCOPED_RTOL:g} must name "
+                         "the number it covers (on=GLUE_KEY or a label on its output line)")
+    if tol.on and tol.image != DEFAULT_IMAGE_RMS:
+        raise ValueError(f"{MARKER}: image= applies to the cell's figures, not to on={tol.on}")
+    return tol
+
+
+def parse_tolerances(source: str) -> CellTolerances:
+    """The tolerances a cell's source declares (default: exact digits everywhere).
+
+    Raises ``ValueError`` for a malformed marker: two unscoped markers or two for one
+    name, an unknown key, a negative or non-finite value, a missing reason, an image
+    tolerance above :data:`MAX_IMAGE_RMS`, an unscoped rtol above
+    :data:`MAX_UNSCOPED_RTOL`.
+    """
+    default, scoped = None, []
+    for body in _MARKER_LINE.findall(source):
+        tol = _parse_marker(body)
+        if tol.on:
+            if any(t.on == tol.on for t in scoped):
+                raise ValueError(f"{MARKER}: two markers for on={tol.on}")
+            scoped.append(tol)
+        elif default is not None:
+            raise ValueError(f"one unscoped {MARKER} line per cell; scope the others with on=")
+        else:
+            default = tol
+    return CellTolerances(default or Tolerance(), tuple(scoped))
+
+
+def parse_tolerance(source: str) -> Tolerance:
+    """The cell's unscoped tolerance (see :func:`parse_tolerances`)."""
+    return parse_tolerances(source).default
 
 
 @dataclass
@@ -138,15 +196,27 @@ def _split(text: str) -> tuple[list[str], list[str]]:
     return [re.sub(r"[ \t]+", " ", p).strip(" \t") for p in pieces], numbers
 
 
-def compare_text(stored: str, fresh: str, tol: Tolerance) -> Comparison:
-    """Compare two text outputs: same text, integers equal, other numbers within ``tol``."""
+def _number_tolerances(text: str, tol: Tolerance | CellTolerances) -> list[Tolerance]:
+    """The tolerance of each number in ``text``, by the output line it stands on."""
+    if isinstance(tol, Tolerance):
+        return [tol] * len(NUMBER.findall(text))
+    return [tol.for_line(line) for line in text.splitlines() for _ in NUMBER.findall(line)]
+
+
+def compare_text(stored: str, fresh: str, tol: Tolerance | CellTolerances) -> Comparison:
+    """Compare two text outputs: same text, integers equal, other numbers within ``tol``.
+
+    With :class:`CellTolerances`, each number takes the tolerance of its output line.
+    """
     result = Comparison()
     text_s, num_s = _split(stored)
     text_f, num_f = _split(fresh)
     if text_s != text_f or len(num_s) != len(num_f):
         return result.fail("the text differs (not only its numbers)")
     result.numbers = len(num_s)
+    tolerances = _number_tolerances(stored, tol)
     for i, (a, b) in enumerate(zip(num_s, num_f)):
+        tol = tolerances[i]
         if a == b:
             continue
         if _is_integer(a) or _is_integer(b):
@@ -197,16 +267,24 @@ def compare_image(stored: str, fresh: str, tol: Tolerance) -> Comparison:
     return result
 
 
-def compare_value(key: str, stored, fresh, tol: Tolerance) -> Comparison:
-    """Compare one output field: text tolerantly, figures by RMS, the rest exactly."""
+def compare_value(key: str, stored, fresh, tol: Tolerance | CellTolerances) -> Comparison:
+    """Compare one output field: text tolerantly, figures by RMS, the rest exactly.
+
+    A glued value's key is ``GLUE_KEY#name``; it takes the tolerance scoped to ``name``.
+    """
     if isinstance(stored, list):
         stored = "".join(stored)
     if isinstance(fresh, list):
         fresh = "".join(fresh)
+    cell_tol = tol if isinstance(tol, CellTolerances) else CellTolerances(tol)
     if key in IMAGE_KEYS:
-        return compare_image(stored, fresh, tol)
-    if key in TEXT_KEYS and isinstance(stored, str) and isinstance(fresh, str):
-        return compare_text(stored, fresh, tol)
+        return compare_image(stored, fresh, cell_tol.default)
+    glue_key, _, name = key.partition("#")
+    if glue_key == GLUE_KEY and name:
+        if isinstance(stored, str) and isinstance(fresh, str):
+            return compare_text(stored, fresh, cell_tol.for_glue(name))
+    elif key in TEXT_KEYS and isinstance(stored, str) and isinstance(fresh, str):
+        return compare_text(stored, fresh, cell_tol)
     return Comparison() if stored == fresh else Comparison().fail("the output differs")
 
 
@@ -223,22 +301,26 @@ def _flatten(cell, outputs, skip) -> dict[str, list]:
             if key in skip:
                 continue
             if key == "data":
+                name = (output.get("metadata") or {}).get("scrapbook", {}).get("name", "")
                 for mime, content in value.items():
                     if mime not in skip:
-                        flat[mime].append(content if mime in IMAGE_KEYS
-                                          else cell.sanitize(content))
+                        field = f"{mime}#{name}" if mime == GLUE_KEY and name else mime
+                        flat[field].append(content if mime in IMAGE_KEYS
+                                           else cell.sanitize(content))
             else:
                 flat[key].append(cell.sanitize(value))
     return flat
 
 
-def _report(cell, tol: Tolerance, results: list[Comparison]) -> None:
+def _report(cell, tols: CellTolerances, results: list[Comparison]) -> None:
     path = os.environ.get("NBVAL_TOLERANT_REPORT")
     if not path:
         return
+    tol = tols.default
     record = {
         "cell": cell.nodeid,
-        "rtol": tol.rtol, "atol": tol.atol, "image": tol.image,
+        "rtol": max([tol.rtol] + [t.rtol for t in tols.scoped]),
+        "atol": max([tol.atol] + [t.atol for t in tols.scoped]), "image": tol.image,
         "ok": all(r.ok for r in results),
         "max_rel": max((r.max_rel for r in results), default=0.0),
         "max_abs": max((r.max_abs for r in results), default=0.0),
@@ -254,7 +336,7 @@ def compare_outputs(self, test, ref, skip_compare=None):
     skip = tuple(k for k in (skip_compare or self.parent.skip_compare) if k not in IMAGE_KEYS)
     self.comparison_traceback = []
     try:
-        tol = parse_tolerance(self.cell.source)
+        tol = parse_tolerances(self.cell.source)
     except ValueError as err:
         self.comparison_traceback.append(f"bad tolerance marker: {err}")
         return False

@@ -181,3 +181,53 @@ def test_tolerance_markers_are_well_formed(notebook):
             parse_tolerance(_source(cell))
         except ValueError as err:
             raise AssertionError(f"{path.name} code cell {i}: {err}") from None
+
+
+def _nan_blind_reductions(source: str) -> list[str]:
+    """Calls of builtin max/min over a comprehension of differences: NaN-blind.
+
+    ``max(1e-15, nan)`` is ``1e-15``: a NaN that is not first vanishes, and a check on the
+    result passes. Differences (``a - b``, ``t.abs()``) are what such checks reduce; :func:`companion.claims.max_abs_diff` is the NaN-propagating replacement.
+    """
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:  # IPython magics
+        return []
+    found = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id in ("max", "min") and node.args):
+            continue
+        arg = node.args[0]
+        if not isinstance(arg, ast.GeneratorExp | ast.ListComp | ast.SetComp):
+            continue
+        inner = list(ast.walk(arg.elt))
+        differences = any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.Sub) for n in inner)
+        tensor_abs = any(isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+                         and n.func.attr == "abs" for n in inner)
+        if differences or tensor_abs:
+            found.append(ast.get_source_segment(source, node).splitlines()[0])
+    return found
+
+
+def test_nan_blind_pattern_is_detected():
+    assert _nan_blind_reductions("gap = max((a - b).abs().max().item() for a, b in pairs)")
+    assert _nan_blind_reductions("gap = max([abs(x - y) for x, y in zip(u, v)])")
+    assert _nan_blind_reductions("gap = min(float(e.abs().max()) for e in errors)")
+    assert not _nan_blind_reductions("top = max(abs(y) for y in heights)")
+    assert not _nan_blind_reductions("width = max(len(name) for name in names)")
+    assert not _nan_blind_reductions("gap = max_abs_diff(zip(a, b))")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_nan_blind_reductions(path):
+    """No notebook reduces differences with builtin max/min over a comprehension."""
+    hits = [f"cell {i}: {hit}" for i, cell in enumerate(_load(path)["cells"])
+            if cell["cell_type"] == "code" for hit in _nan_blind_reductions(_source(cell))]
+    assert not hits, "NaN-blind: use companion.claims.max_abs_diff\n" + "\n".join(hits)
+
+
+def test_no_nan_blind_reductions_in_the_package():
+    hits = [f"{path.name}: {hit}" for path in sorted((ROOT / "companion").glob("*.py"))
+            for hit in _nan_blind_reductions(path.read_text())]
+    assert not hits, "NaN-blind: use companion.claims.max_abs_diff\n" + "\n".join(hits)

@@ -26,6 +26,7 @@ from nbval_tolerant import (  # noqa: E402
     compare_value,
     image_rms,
     parse_tolerance,
+    parse_tolerances,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,11 +116,38 @@ def test_markers(source, expected):
     ("# NBVAL_TOLERANCE tol=1: why\n", "key"),
     ("# NBVAL_TOLERANCE rtol=1 rtol=2: why\n", "twice"),
     ("# NBVAL_TOLERANCE : why\n", "at least one"),
-    ("# NBVAL_TOLERANCE rtol=1: a\n# NBVAL_TOLERANCE atol=1: b\n", "one NBVAL_TOLERANCE"),
+    ("# NBVAL_TOLERANCE rtol=1e-2: a\n# NBVAL_TOLERANCE atol=1: b\n", "one unscoped"),
+    ("# NBVAL_TOLERANCE rtol=0.2: the whole cell\n", "must name the number"),
+    ("# NBVAL_TOLERANCE image=13: a chaotic figure\n", "above 10"),
+    ("# NBVAL_TOLERANCE rtol=1 on=x: a\n# NBVAL_TOLERANCE atol=1 on=x: b\n", "two markers"),
+    ("# NBVAL_TOLERANCE image=3 on=x: a\n", "image= applies"),
+    ("# NBVAL_TOLERANCE on=x: a\n", "at least one"),
+    ("# NBVAL_TOLERANCE rtol=1 on=: a\n", "key=value"),
 ])
 def test_bad_markers_raise(source, match):
     with pytest.raises(ValueError, match=match):
         parse_tolerance(source)
+
+
+def test_scoped_tolerances_cover_only_their_lines_and_glue_keys():
+    source = ("# NBVAL_TOLERANCE rtol=1e-3: float32 sums\n"
+              "# NBVAL_TOLERANCE rtol=0.2 on=bf16_loss: one chaotic run\n"
+              "# NBVAL_TOLERANCE atol=1e-12 on=ddp_gap: rounding error\n")
+    tols = parse_tolerances(source)
+    assert tols.default == Tolerance(rtol=1e-3, reason="float32 sums")
+    assert [t.on for t in tols.scoped] == ["bf16_loss", "ddp_gap"]
+    stored = "sum 1.0000\nbf16_loss = 2.49  (claim: < 3.3, margin 0.81)\nddp_gap = 3.6e-15\n"
+    moved = "sum 1.0005\nbf16_loss = 2.63  (claim: < 3.3, margin 0.67)\nddp_gap = 4.4e-15\n"
+    assert compare_text(stored, moved, tols).ok
+    # the wide tolerance does not leak to the other lines
+    assert not compare_text(stored, moved.replace("1.0005", "1.0050"), tols).ok
+    assert not compare_text(stored, moved.replace("4.4e-15", "2.0e-12"), tols).ok
+    assert not compare_text(stored, moved.replace("2.63", "1.63"), tols).ok
+    glued = "application/papermill.record/text/plain"
+    assert compare_value(f"{glued}#bf16_loss", "2.49", "2.63", tols).ok
+    assert compare_value(f"{glued}#ch7_bf16_loss_mean", "2.49", "2.63", tols).ok
+    assert not compare_value(f"{glued}#other_key", "2.49", "2.63", tols).ok
+    assert not compare_value(glued, "2.49", "2.63", tols).ok
 
 
 def _png(scale: float = 1.0, shift: float = 0.0, size=(4.0, 3.0)) -> str:
