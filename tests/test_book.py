@@ -107,7 +107,8 @@ def test_claims_are_asserted_and_exercises_have_checked_solutions(notebook):
     path, nb = notebook
     code = "\n".join(_source(c) for c in _code_cells(nb))
     markdown = "\n".join(_source(c) for c in nb["cells"] if c["cell_type"] == "markdown")
-    assert code.count("assert ") >= 5, f"{path.name}: too few claim cells"
+    checks = code.count("assert ") + code.count("claim(")
+    assert checks >= 5, f"{path.name}: too few claim cells"
     assert "## Objectives" in markdown or ":class: tip" in markdown, f"{path.name}: objectives"
     assert "## Summary" in markdown, f"{path.name}: summary"
     assert "## Exercises" in markdown, f"{path.name}: exercises"
@@ -124,7 +125,8 @@ def test_claims_are_asserted_and_exercises_have_checked_solutions(notebook):
             while "{solution-end}" not in _source(cells[j]):
                 body.append(cells[j])
                 j += 1
-            assert any(c["cell_type"] == "code" and "assert" in _source(c) for c in body), (
+            assert any(c["cell_type"] == "code" and ("assert" in _source(c) or "claim(" in _source(c))
+                       for c in body), (
                 f"{path.name}: a solution without a checked code cell")
 
 
