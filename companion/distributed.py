@@ -722,9 +722,16 @@ def all_reduce_seconds(nbytes: float, world_size: int, latency: float, bandwidth
 
 def data_parallel_step_seconds(compute_seconds: float, grad_bytes: float, world_size: int,
                                latency: float, bandwidth: float, overlap: float = 0.0) -> float:
-    """Predicted time of one data-parallel step: compute (same per device: weak scaling,
-    each device keeps its batch) plus the gradient all-reduce, of which the fraction
-    ``overlap`` hides behind the backward pass."""
+    """Predicted time of one data-parallel step: one device's compute plus the part of
+    the gradient all-reduce (:func:`all_reduce_seconds` of ``grad_bytes``) that does not
+    hide behind it.
+
+    ``compute_seconds`` is the compute time of one device in this step, whatever the
+    scaling: with a fixed global batch (strong scaling) pass the one-device time divided
+    by ``world_size``; with a fixed batch per device (weak scaling) pass the same time for
+    every ``world_size``. ``overlap`` is the fraction of ``compute_seconds`` during which
+    the all-reduce can run (the backward pass, about 2/3 of a step, where DDP sends its
+    buckets): communication beyond ``overlap * compute_seconds`` adds to the step."""
     check_float("compute_seconds", compute_seconds, 0)
     check_float("overlap", overlap, 0, 1)
     comm = all_reduce_seconds(grad_bytes, world_size, latency, bandwidth)
