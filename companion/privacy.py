@@ -21,6 +21,7 @@ Chapter 9 of the book. Four ideas, in the order the chapter uses them:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -285,6 +286,14 @@ def rdp_sampled_gaussian(noise_multiplier: float, sample_rate: float, order: flo
     return _log_a_fractional(q, sigma, alpha) / (alpha - 1)
 
 
+@functools.lru_cache(maxsize=1024)
+def _rdp_one_step(noise_multiplier: float, sample_rate: float,
+                  orders: tuple[float, ...]) -> tuple[float, ...]:
+    # One step's RDP at every order. It depends on neither the steps nor delta, so a sweep
+    # over those (or a plot of epsilon against the steps) computes it once.
+    return tuple(rdp_sampled_gaussian(noise_multiplier, sample_rate, a) for a in orders)
+
+
 def rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
                 orders: Sequence[float] | None = None) -> float:
     r""":math:`\varepsilon` of ``steps`` DP-SGD steps at a given :math:`\delta`.
@@ -305,13 +314,14 @@ def rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: 
         raise ValueError(f"orders must be a non-empty list of numbers > 1, got {orders!r}")
     if steps == 0:
         return 0.0
+    one_step = _rdp_one_step(float(noise_multiplier), float(sample_rate), orders)
     best = math.inf
-    for alpha in orders:
-        rdp = steps * rdp_sampled_gaussian(noise_multiplier, sample_rate, alpha)
+    for alpha, rdp1 in zip(orders, one_step):
+        rdp = steps * rdp1
         eps = (rdp + math.log((alpha - 1) / alpha)
                - (math.log(delta) + math.log(alpha)) / (alpha - 1))
         best = min(best, eps)
-    return best
+    return float(best)
 
 
 def tpr_bound(epsilon: float, delta: float, fpr: float) -> float:
