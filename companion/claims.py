@@ -19,9 +19,11 @@ NaN-propagating replacement for ``max(... for ...)`` over differences of tensors
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 
 from companion._validate import check_type
@@ -37,12 +39,15 @@ class ClaimError(AssertionError):
 
 
 def _as_float(name: str, value) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
+    if isinstance(value, torch.Tensor | np.ndarray):
+        count = value.numel() if isinstance(value, torch.Tensor) else value.size
+        if count != 1:
             raise TypeError(f"{name} must be a number or a one-element tensor, "
                             f"got a tensor of shape {tuple(value.shape)}")
         return float(value.item())
-    check_type(name, value, (int, float))
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number (int, float or a NumPy scalar), "
+                        f"got {type(value).__name__}")
     return float(value)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,8 +41,14 @@ def test_tensor_values_and_bad_arguments():
     assert claim("t", torch.tensor(1e-15, dtype=torch.float64), lt=1e-12, glue=False) == 1e-15
     with pytest.raises(TypeError, match="one-element tensor"):
         claim("t", torch.zeros(2), lt=1.0, glue=False)
-    with pytest.raises(TypeError, match="value must be int or float"):
+    assert claim("t", np.int64(3), gt=2, glue=False) == 3.0
+    assert claim("t", np.array([0.5]), lt=1.0, glue=False) == 0.5
+    with pytest.raises(TypeError, match="one-element tensor"):
+        claim("t", np.zeros(3), lt=1.0, glue=False)
+    with pytest.raises(TypeError, match="value must be a real number"):
         claim("t", "0.1", lt=1.0, glue=False)
+    with pytest.raises(TypeError, match="value must be a real number"):
+        claim("t", np.bool_(True), lt=2.0, glue=False)
     with pytest.raises(TypeError, match="value must be"):
         claim("t", True, lt=2.0, glue=False)
     with pytest.raises(ValueError, match="at least one bound"):
