@@ -15,14 +15,18 @@ head its own copy first, so that ``"head"`` and ``"last_block"`` change only wha
 
 :func:`fine_tune` runs :func:`companion.train.train_language_model` with AdamW on batches of
 the new domain, optionally mixing in a fraction of rows from the original domain (the
-simplest defence against forgetting). :func:`finetuning_memory` is chapter 1's memory
-arithmetic for full fine-tuning, LoRA and QLoRA of a published model.
+simplest defence against forgetting). :func:`run_recipe` and :func:`select_learning_rate`
+compare :data:`RECIPES` fairly, each at its own best rate of :data:`LR_GRID`; the grid is
+recorded once by ``python -m companion.finetune --record lr-grid``. :func:`finetuning_memory`
+is chapter 1's memory arithmetic for full fine-tuning, LoRA and QLoRA of a published model.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -35,7 +39,7 @@ from companion._validate import check_choice, check_float, check_int, check_type
 from companion.data import CharCorpus, load_stdlib_source, map_to_vocabulary
 from companion.lora import add_lora
 from companion.scale import TransformerConfig, training_memory
-from companion.train import LMHistory, fixed_windows, train_language_model
+from companion.train import LMHistory, fixed_windows, language_model_loss, train_language_model
 from companion.transformer import GPT
 
 #: The ways :func:`prepare_adaptation` knows, from most to fewest trainable parameters.
@@ -295,15 +299,148 @@ def load_scratch_record(path: str | Path = SCRATCH_RECORD) -> dict[int, LMHistor
             for run in record["runs"]}
 
 
+# ------------------------------------------------- the learning-rate grid of section 10c
+
+#: The learning rates every recipe of :data:`RECIPES` is trained with.
+LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+
+#: The recipes section 10c compares: ``name -> (method, prepare_adaptation options,
+#: mix_fraction)``; the mixed rows come from the documentation the model was trained on.
+RECIPES = {"full": ("full", {}, 0.0),
+           "LoRA r=4": ("lora", {"rank": 4, "alpha": 8.0}, 0.0),
+           "full, 25% docs": ("full", {}, 0.25)}
+
+#: The recorded grid: every recipe at every learning rate, three seeds (see
+#: :func:`record_lr_grid`).
+LR_GRID_RECORD = Path(__file__).resolve().parent / "assets" / "lr_grid_on_code.json"
+
+
+def run_recipe(model: GPT, corpus: CharCorpus, original: CharCorpus, recipe: str, lr: float,
+               seed: int, settings: FineTuneSettings = BOOK_SETTINGS) -> tuple[GPT, dict]:
+    """Adapt a copy of ``model`` to ``corpus`` by :data:`RECIPES` ``[recipe]`` at ``lr``.
+
+    The LoRA matrices and dropout masks come from ``torch.manual_seed(seed)``, the batches
+    from ``seed`` (:func:`fine_tune`). Returns the adapted copy and its final losses:
+    ``"code_loss"`` on ``corpus``'s validation windows, ``"docs_loss"`` on as many windows
+    of ``original``'s validation text (the same protocol: ``settings.block_size``
+    characters, ``settings.eval_windows`` windows).
+    """
+    check_choice("recipe", recipe, RECIPES)
+    check_float("lr", lr, low=0.0, low_open=True)
+    method, options, mix = RECIPES[recipe]
+    torch.manual_seed(seed)  # the LoRA A's and the dropout masks
+    net = prepare_adaptation(copy.deepcopy(model), method, **options)
+    history = fine_tune(net, corpus, replace(settings, lr=lr), seed=seed,
+                        original=original if mix else None, mix_fraction=mix)
+    windows = fixed_windows(original.ids("val"), settings.block_size, settings.eval_windows)
+    return net, {"code_loss": history.val_loss[-1], "docs_loss": language_model_loss(net, *windows)}
+
+
+def select_learning_rate(code_loss: dict[float, list[float]]) -> float:
+    """The learning rate whose mean validation loss on the new domain over the seeds is
+    lowest: ``code_loss`` maps each learning rate to its losses, one per seed.
+
+    Section 10c's selection rule, fixed before looking at forgetting: each recipe is
+    reported at the rate this returns for it, whatever it forgets there. A rate with a
+    non-finite loss (a diverged run) is never selected.
+    """
+    check_type("code_loss", code_loss, dict)
+    means = {lr: sum(losses) / len(losses) for lr, losses in code_loss.items() if losses}
+    finite = {lr: m for lr, m in means.items() if math.isfinite(m)}
+    if not finite:
+        raise ValueError(f"no learning rate has a finite mean loss: {means}")
+    return min(finite, key=finite.get)
+
+
+_GRID_DATA: dict = {}
+
+
+def _grid_worker(job: tuple[str, float, int]) -> dict:
+    recipe, lr, seed = job
+    from companion.pretrained import load_pretrained_gpt
+
+    torch.set_num_threads(1)
+    if not _GRID_DATA:  # once per worker process
+        model, pydoc = load_pretrained_gpt("cpu")
+        _GRID_DATA.update(model=model, pydoc=pydoc,
+                          code=load_code_corpus(pydoc.tokenizer)[0])
+    start = time.process_time()
+    _, losses = run_recipe(_GRID_DATA["model"], _GRID_DATA["code"], _GRID_DATA["pydoc"],
+                           recipe, lr, seed)
+    return {"recipe": recipe, "lr": lr, "seed": seed,
+            "cpu_seconds": round(time.process_time() - start, 1), **losses}
+
+
+def _grid_header(seeds) -> dict:
+    return {"settings": asdict(replace(BOOK_SETTINGS, lr=None)), "lr_grid": list(LR_GRID),
+            "recipes": {name: [m, o, mix] for name, (m, o, mix) in RECIPES.items()},
+            "seeds": list(seeds)}
+
+
+def record_lr_grid(seeds=(0, 1, 2), jobs: int = 1, path: str | Path = LR_GRID_RECORD) -> dict:
+    """Run every recipe of :data:`RECIPES` at every rate of :data:`LR_GRID` for each seed
+    (:func:`run_recipe`, :data:`BOOK_SETTINGS` but the rate) and write the final losses.
+
+    One CPU thread per run, ``jobs`` runs in parallel processes; a run takes one to two
+    seconds of CPU time (stored as ``cpu_seconds``), the grid of 45 runs minutes on a
+    busy machine -- more than a notebook may spend, so section 10c reads the record
+    (:func:`load_lr_grid_record`) and re-trains seed 0 of the runs it reports. Returns
+    what was written.
+    """
+    import multiprocessing
+
+    check_int("jobs", jobs, low=1)
+    grid = [(recipe, lr, seed) for recipe in RECIPES for lr in LR_GRID for seed in seeds]
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        runs = pool.map(_grid_worker, grid)
+    record = {"what": "final validation losses on the code and on the documentation "
+                      "(companion.finetune.record_lr_grid)",
+              "torch": torch.__version__, "threads": 1, **_grid_header(seeds), "runs": runs}
+    Path(path).write_text(json.dumps(record, indent=0) + "\n")
+    return record
+
+
+def load_lr_grid_record(path: str | Path = LR_GRID_RECORD) -> dict[tuple[str, float, int], dict]:
+    """The recorded grid: ``{(recipe, lr, seed): {"code_loss": ..., "docs_loss": ...}}``.
+
+    Raises ``ValueError`` if the record was made with other settings than
+    :data:`BOOK_SETTINGS` (apart from the rate), another :data:`LR_GRID` or other
+    :data:`RECIPES`, or if a run is missing.
+    """
+    record = json.loads(Path(path).read_text())
+    expected = json.loads(json.dumps(_grid_header(record["seeds"])))
+    got = {key: record[key] for key in expected}
+    if got != expected:
+        raise ValueError(f"{path} was recorded with {got}, not the book's {expected}: "
+                         "re-record it (python -m companion.finetune --record lr-grid)")
+    runs = {(run["recipe"], run["lr"], run["seed"]):
+            {"code_loss": run["code_loss"], "docs_loss": run["docs_loss"]}
+            for run in record["runs"]}
+    missing = [(r, lr, s) for r in RECIPES for lr in LR_GRID for s in record["seeds"]
+               if (r, lr, s) not in runs]
+    if missing:
+        raise ValueError(f"{path} lacks the runs {missing}: re-record it")
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m companion.finetune --steps N``: re-record :data:`SCRATCH_RECORD`."""
+    """``python -m companion.finetune [--record scratch|lr-grid]``: re-record
+    :data:`SCRATCH_RECORD` (``--steps N``, the default) or :data:`LR_GRID_RECORD`."""
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--steps", type=int, default=8000)  # the shipped record
+    parser.add_argument("--record", choices=("scratch", "lr-grid"), default="scratch")
+    parser.add_argument("--steps", type=int, default=8000)  # the shipped scratch record
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--out", default=str(SCRATCH_RECORD))
+    parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    record = record_scratch_runs(args.steps, args.seeds, args.jobs, args.out)
+    if args.record == "lr-grid":
+        record = record_lr_grid(args.seeds, args.jobs, args.out or LR_GRID_RECORD)
+        for run in record["runs"]:
+            print(f"{run['recipe']:15s} lr {run['lr']:.0e} seed {run['seed']}: "
+                  f"{run['cpu_seconds']:.1f} s CPU, code {run['code_loss']:.3f}, "
+                  f"docs {run['docs_loss']:.3f}")
+        return 0
+    record = record_scratch_runs(args.steps, args.seeds, args.jobs, args.out or SCRATCH_RECORD)
     for run in record["runs"]:
         print(f"seed {run['seed']}: {run['seconds']:.0f} s, final validation loss "
               f"{run['val_loss'][-1]:.3f}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,17 +14,23 @@ import torch
 from companion.data import CharCorpus
 from companion.finetune import (
     BOOK_SETTINGS,
+    LR_GRID,
+    LR_GRID_RECORD,
     QLORA_BITS_PER_PARAMETER,
+    RECIPES,
     SCRATCH_RECORD,
     FineTuneSettings,
     fine_tune,
     finetuning_memory,
     load_code_corpus,
+    load_lr_grid_record,
     load_scratch_record,
     lora_shapes,
     make_optimizer,
     optimizer_state_bytes,
     prepare_adaptation,
+    run_recipe,
+    select_learning_rate,
     steps_to_reach,
     train_from_scratch,
     training_step,
@@ -30,7 +38,7 @@ from companion.finetune import (
 )
 from companion.lora import count_parameters
 from companion.scale import LLAMA2_70B, LLAMA_7B
-from companion.train import LMHistory
+from companion.train import LMHistory, fixed_windows, language_model_loss
 from companion.transformer import GPT, GPTConfig
 
 D, V, L = 16, 7, 2
@@ -179,3 +187,61 @@ def test_lora_shapes_and_memory_arithmetic():
         finetuning_memory(n, "lora")
     with pytest.raises(ValueError, match="targets"):
         lora_shapes(LLAMA_7B, ("query",))
+
+
+def test_run_recipe_is_fine_tune_of_the_recipe_and_measures_both_domains():
+    corpus = CharCorpus("abcdefg" * 40)
+    original = CharCorpus("gfedcba" * 40, tokenizer=corpus.tokenizer)
+    settings = FineTuneSettings(steps=4, batch_size=4, block_size=8, eval_every=2,
+                                eval_windows=2)
+    model = tiny_gpt()
+    pretrained = copy.deepcopy(model.state_dict())
+    for recipe, (method, options, mix) in RECIPES.items():
+        net, losses = run_recipe(model, corpus, original, recipe, 1e-2, seed=1,
+                                 settings=settings)
+        torch.manual_seed(1)
+        manual = prepare_adaptation(copy.deepcopy(model), method, **options)
+        history = fine_tune(manual, corpus, replace(settings, lr=1e-2), seed=1,
+                            original=original if mix else None, mix_fraction=mix)
+        assert losses["code_loss"] == history.val_loss[-1], recipe
+        windows = fixed_windows(original.ids("val"), 8, 2)
+        assert losses["docs_loss"] == language_model_loss(manual, *windows), recipe
+        assert losses["docs_loss"] == language_model_loss(net, *windows), recipe
+    for key, value in model.state_dict().items():  # the pretrained model is not touched
+        assert torch.equal(value, pretrained[key]), key
+    with pytest.raises(ValueError, match="recipe"):
+        run_recipe(model, corpus, original, "adapters", 1e-2, seed=0, settings=settings)
+    with pytest.raises(ValueError, match="lr"):
+        run_recipe(model, corpus, original, "full", 0.0, seed=0, settings=settings)
+
+
+def test_select_learning_rate_takes_the_lowest_mean_and_skips_diverged_rates():
+    losses = {1e-4: [2.0, 2.2], 1e-3: [2.05, 2.05], 1e-2: [1.0, float("nan")]}
+    assert select_learning_rate(losses) == 1e-3
+    assert select_learning_rate({3e-4: [2.5]}) == 3e-4
+    with pytest.raises(ValueError, match="finite"):
+        select_learning_rate({1e-3: [float("inf")]})
+    with pytest.raises(ValueError, match="finite"):
+        select_learning_rate({})
+    with pytest.raises(TypeError, match="code_loss"):
+        select_learning_rate([(1e-3, [2.0])])
+
+
+def test_lr_grid_record_is_complete_and_refuses_other_settings(tmp_path):
+    runs = load_lr_grid_record()
+    record = json.loads(LR_GRID_RECORD.read_text())
+    assert record["threads"] == 1 and record["seeds"] == [0, 1, 2]
+    assert len(runs) == len(RECIPES) * len(LR_GRID) * 3
+    assert all(math.isfinite(v["code_loss"]) and math.isfinite(v["docs_loss"])
+               for v in runs.values())
+    changes = (lambda r: r["settings"].update(steps=60),
+               lambda r: r.update(lr_grid=[1e-3]),
+               lambda r: r["recipes"]["LoRA r=4"][1].update(rank=8),
+               lambda r: r["runs"].pop())
+    for change in changes:
+        changed = copy.deepcopy(record)
+        change(changed)
+        path = tmp_path / "grid.json"
+        path.write_text(json.dumps(changed))
+        with pytest.raises(ValueError, match="re-record"):
+            load_lr_grid_record(path)
