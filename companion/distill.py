@@ -6,8 +6,10 @@ Chapter 7, section "Distillation" (Hinton et al., 2015). With temperature ``T``,
     L_KD = T^2 * KL(p || q) = T^2 * sum_i p_i (log p_i - log q_i),
 
 averaged over all other positions (the batch, and the sequence for a language model).
-The factor ``T^2`` keeps the gradient's size independent of ``T``: the gradient of
-``KL`` with respect to the student's logits is ``(q - p) / T``. A student is usually
+The gradient of ``KL`` with respect to the student's logits is ``(q - p) / T``, and
+``q - p`` itself shrinks roughly like ``1 / T`` once ``T`` is large, so the factor ``T^2``
+keeps the gradient's size roughly independent of a large ``T`` (of the same order, not
+equal: the book's chapter 7 measures it). A student is usually
 trained on ``alpha * L_KD + (1 - alpha) * cross_entropy(student, labels)``.
 """
 
