@@ -304,13 +304,13 @@ def load_scratch_record(path: str | Path = SCRATCH_RECORD) -> dict[int, LMHistor
 #: The learning rates every recipe of :data:`RECIPES` is trained with.
 LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 
-#: The recipes section 10c compares: ``name -> (method, prepare_adaptation options,
+#: The recipes that section 10c compares, as ``name -> (method, prepare_adaptation options,
 #: mix_fraction)``; the mixed rows come from the documentation the model was trained on.
 RECIPES = {"full": ("full", {}, 0.0),
            "LoRA r=4": ("lora", {"rank": 4, "alpha": 8.0}, 0.0),
            "full, 25% docs": ("full", {}, 0.25)}
 
-#: The recorded grid: every recipe at every learning rate, three seeds (see
+#: Where the recorded grid lies (every recipe at every learning rate, three seeds; see
 #: :func:`record_lr_grid`).
 LR_GRID_RECORD = Path(__file__).resolve().parent / "assets" / "lr_grid_on_code.json"
 

@@ -233,3 +233,13 @@ def test_no_nan_blind_reductions_in_the_package():
     hits = [f"{path.name}: {hit}" for path in sorted((ROOT / "companion").glob("*.py"))
             for hit in _nan_blind_reductions(path.read_text())]
     assert not hits, "NaN-blind: use companion.claims.max_abs_diff\n" + "\n".join(hits)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_glued_values_are_plain_numbers_or_text(path):
+    """A glued NumPy scalar is stored as ``np.float64(0.03)``, which the prose cannot format."""
+    bad = [out["metadata"]["scrapbook"]["name"]
+           for cell in _code_cells(_load(path)) for out in cell.get("outputs", [])
+           if "application/papermill.record/text/plain" in out.get("data", {})
+           and "".join(out["data"]["application/papermill.record/text/plain"]).startswith("np.")]
+    assert not bad, f"glue plain Python numbers (float(...), int(...)): {bad}"
