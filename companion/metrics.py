@@ -455,9 +455,19 @@ def _counts_at_thresholds(positive, y_score, weights):
         fps = last_of_each_score + 1 - tps
         return fps.to(dtype), tps.to(dtype), y_score[last_of_each_score]
     weights = weights[order]
-    tps = torch.cumsum(positive * weights, 0)[last_of_each_score]
-    fps = torch.cumsum(~positive * weights, 0)[last_of_each_score]
+    tps = _sequential_cumsum(positive * weights)[last_of_each_score]
+    fps = _sequential_cumsum(~positive * weights)[last_of_each_score]
     return fps, tps, y_score[last_of_each_score]
+
+
+def _sequential_cumsum(x: torch.Tensor) -> torch.Tensor:
+    """Running sums added left to right, as NumPy does, on the device of ``x``.
+
+    A GPU's parallel scan associates the additions differently, so two running totals
+    that differ by an added zero can differ in their last bit -- and a curve then gains
+    thresholds that a sequential sum does not have. The CPU's cumsum is sequential.
+    """
+    return torch.cumsum(x.cpu(), 0).to(x.device)
 
 
 def _roc(positive, y_score, weights, drop_intermediate=True):

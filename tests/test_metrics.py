@@ -106,8 +106,10 @@ def agree(what, ours_fn, theirs_fn, device=None):
     assert not isinstance(ours, Exception), f"{what}: we raised {ours!r}, scikit-learn did not"
     assert our_warnings == their_warnings, f"{what}: warnings {our_warnings} vs {their_warnings}"
     assert_same(ours, theirs, what)
-    if device is not None:
-        _check_device(ours, device)
+    if device is not None:  # the device of the first tensor given (the CPU if there is none)
+        given = [*getattr(ours_fn, "args", ()), *getattr(ours_fn, "keywords", {}).values()]
+        _check_device(ours, next((a.device for a in given if isinstance(a, torch.Tensor)),
+                                 torch.device("cpu")))
     return ours
 
 
