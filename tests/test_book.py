@@ -125,8 +125,9 @@ def test_claims_are_asserted_and_exercises_have_checked_solutions(notebook):
             while "{solution-end}" not in _source(cells[j]):
                 body.append(cells[j])
                 j += 1
-            assert any(c["cell_type"] == "code" and ("assert" in _source(c) or "claim(" in _source(c))
-                       for c in body), (
+            checked = [c for c in body if c["cell_type"] == "code"
+                       and ("assert" in _source(c) or "claim(" in _source(c))]
+            assert checked, (
                 f"{path.name}: a solution without a checked code cell")
 
 
@@ -189,7 +190,8 @@ def _nan_blind_reductions(source: str) -> list[str]:
     """Calls of builtin max/min over a comprehension of differences: NaN-blind.
 
     ``max(1e-15, nan)`` is ``1e-15``: a NaN that is not first vanishes, and a check on the
-    result passes. Differences (``a - b``, ``t.abs()``) are what such checks reduce; :func:`companion.claims.max_abs_diff` is the NaN-propagating replacement.
+    result passes. Differences (``a - b``, ``t.abs()``) are what such checks reduce;
+    :func:`companion.claims.max_abs_diff` is the NaN-propagating replacement.
     """
     try:
         tree = ast.parse(source)
