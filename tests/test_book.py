@@ -208,8 +208,11 @@ def _nan_blind_reductions(source: str) -> list[str]:
         inner = list(ast.walk(arg.elt))
         differences = any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.Sub) for n in inner)
         tensor_abs = any(isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
-                         and n.func.attr == "abs" for n in inner)
-        if differences or tensor_abs:
+                         and n.func.attr in ("abs", "ptp") for n in inner)
+        computed_abs = any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                           and n.func.id == "abs" and n.args
+                           and isinstance(n.args[0], ast.Call | ast.BinOp) for n in inner)
+        if differences or tensor_abs or computed_abs:
             found.append(ast.get_source_segment(source, node).splitlines()[0])
     return found
 
@@ -219,6 +222,9 @@ def test_nan_blind_pattern_is_detected():
     assert _nan_blind_reductions("gap = max([abs(x - y) for x, y in zip(u, v)])")
     assert _nan_blind_reductions("gap = min(float(e.abs().max()) for e in errors)")
     assert not _nan_blind_reductions("top = max(abs(y) for y in heights)")
+    assert _nan_blind_reductions("worst = max(abs(error(c)) for c in configs)")
+    assert _nan_blind_reductions("spread = min(np.ptp(v[r]) for r in runs)")
+    assert not _nan_blind_reductions("spread = np.amin([np.ptp(v[r]) for r in runs])")
     assert not _nan_blind_reductions("width = max(len(name) for name in names)")
     assert not _nan_blind_reductions("gap = max_abs_diff(zip(a, b))")
 
