@@ -15,12 +15,15 @@
   exactly, other numbers to the printed digits or to the tolerance a cell declares with
   ``# NBVAL_TOLERANCE``, figures by their RMS pixel difference.
 * After the run, the terminal summary lists how long each notebook took under nbval
-  (kernel start included), slowest first: the book's budget is 45 s per notebook on a
-  2-core CPU. It is a report, not a test: timings vary by machine.
+  (kernel start included), slowest first, and the ten slowest cells: the book's budget
+  is 45 s per notebook on a 2-core CPU. It is a report, not a test: timings vary by
+  machine. With ``NOTEBOOK_TIMINGS=path.json`` the same goes into a file (``.ci/run``
+  prints a summary of its stages from these).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections import defaultdict
@@ -36,17 +39,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
 pytest_plugins = ["nbval_tolerant"]
 
 _notebook_seconds: dict[str, float] = defaultdict(float)
+_cell_seconds: dict[str, float] = {}
 
 
 def pytest_runtest_logreport(report):
     path = report.nodeid.split("::")[0]
     if path.endswith(".ipynb"):
         _notebook_seconds[path] += report.duration
+        if report.when == "call":
+            _cell_seconds[report.nodeid] = report.duration
 
 
 def pytest_terminal_summary(terminalreporter):
+    """Notebook wall times and the ten slowest cells; also as JSON if NOTEBOOK_TIMINGS is set.
+
+    Under ``pytest -n`` each worker's reports reach the controller, so this sees them all.
+    """
     if not _notebook_seconds:
         return
+    notebooks = sorted(_notebook_seconds.items(), key=lambda kv: -kv[1])
+    cells = sorted(_cell_seconds.items(), key=lambda kv: -kv[1])[:10]
     terminalreporter.section("notebook wall time under nbval (budget: 45 s each on 2 CPU cores)")
-    for path, seconds in sorted(_notebook_seconds.items(), key=lambda kv: -kv[1]):
+    for path, seconds in notebooks:
         terminalreporter.write_line(f"{seconds:7.1f} s  {path}")
+    terminalreporter.section("the ten slowest notebook cells")
+    for nodeid, seconds in cells:
+        terminalreporter.write_line(f"{seconds:7.1f} s  {nodeid}")
+    target = os.environ.get("NOTEBOOK_TIMINGS")
+    if target:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_text(json.dumps({"notebooks": dict(notebooks),
+                                            "slowest_cells": dict(cells)}, indent=1))

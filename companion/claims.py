@@ -26,6 +26,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from companion._optional import require
 from companion._validate import check_type
 
 __all__ = ["ClaimError", "claim", "max_abs_diff"]
@@ -124,6 +125,4 @@ def _glue(key: str, value: float) -> None:
         return
     if get_ipython() is None:
         return
-    from myst_nb import glue
-
-    glue(key, value, display=False)
+    require("myst_nb").glue(key, value, display=False)

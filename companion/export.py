@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from companion._optional import require
 from companion._validate import check_int, check_type
 from companion.transformer import GPT, GPTConfig
 
@@ -44,7 +45,7 @@ def save_gpt(model: GPT, vocab: str, path: str | Path) -> Path:
     The tied ``lm_head.weight`` is stored once (``safetensors.torch.save_model`` drops
     the alias and :func:`load_gpt` re-ties it).
     """
-    from safetensors.torch import save_model
+    save_model = require("safetensors.torch").save_model
 
     check_type("model", model, GPT)
     check_type("vocab", vocab, str)
@@ -62,8 +63,8 @@ def save_gpt(model: GPT, vocab: str, path: str | Path) -> Path:
 
 def load_gpt(path: str | Path, device=None) -> tuple[GPT, str]:
     """Read a file written by :func:`save_gpt`: ``(model in eval mode, vocab)``."""
-    from safetensors import safe_open
-    from safetensors.torch import load_model
+    safe_open = require("safetensors").safe_open
+    load_model = require("safetensors.torch").load_model
 
     path = Path(path)
     with safe_open(str(path), framework="pt") as f:
@@ -198,7 +199,7 @@ def export_onnx(program: torch.export.ExportedProgram, path: str | Path) -> Path
     of the machine that exported; they are dropped (:func:`strip_stack_traces`), so the
     same model gives the same file wherever it is exported from.
     """
-    import onnx
+    onnx = require("onnx")
 
     check_type("program", program, torch.export.ExportedProgram)
     path = Path(path)
@@ -246,7 +247,7 @@ def onnx_session(path: str | Path, threads: int = 1):
 
     ``session.run(None, {"idx": ids_int64_numpy})[0]`` returns the logits as NumPy.
     """
-    import onnxruntime as ort
+    ort = require("onnxruntime")
 
     check_int("threads", threads, low=1)
     options = ort.SessionOptions()

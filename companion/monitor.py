@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from companion._optional import require
 from companion._validate import check_float, check_int, check_type
 from companion.transformer import GPT
 
@@ -33,11 +34,11 @@ def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
     ``companion_requests_total{code="200"} 3`` becomes
     ``{("companion_requests_total", (("code", "200"),)): 3.0}``.
     """
-    from prometheus_client.parser import text_string_to_metric_families
+    parser = require("prometheus_client.parser")
 
     check_type("text", text, str)
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+            for family in parser.text_string_to_metric_families(text) for s in family.samples}
 
 
 def char_distribution(texts: list[str], vocab: str, smoothing: float = 0.5) -> torch.Tensor:

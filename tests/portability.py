@@ -9,7 +9,8 @@ notebook must pass nbval (with the tolerant comparison of ``nbval_tolerant.py``)
 every variant.
 
 Usage: ``python tests/portability.py [--variant NAME]... [--jobs N] [--report DIR]
-[NOTEBOOK ...]``. Prints, per variant, the pytest summary, and at the end the cells that
+[NOTEBOOK ...]``; ``--print-env NAME`` prints a variant's environment (``KEY=VALUE``
+lines, for ``env``) and ``--ci`` the two variants CI runs (see :func:`ci_variants`). Prints, per variant, the pytest summary, and at the end the cells that
 deviated from their stored outputs with the largest deviation seen and the tolerance the
 cell declares: the measured spreads behind the tolerances.
 """
@@ -80,6 +81,19 @@ def available_variants() -> list[str]:
     return names
 
 
+def ci_variants() -> tuple[str, str]:
+    """The two variants CI runs: ``(one for make test, one for make test-portable)``.
+
+    The guarantee is that every notebook passes under the oldest x86-64 kernels and under
+    a common laptop's (AVX2, MKL in its reproducible mode). CI runs ``make test`` -- unit
+    tests and notebooks -- under the second, and the notebooks once more under the first,
+    so that each notebook runs twice, not three times. The AVX-512 variants run in a full
+    ``make test-portable``.
+    """
+    names = available_variants()
+    return names[1] if len(names) > 1 else names[0], names[0]
+
+
 def _native_is_avx512() -> bool:
     import torch
 
@@ -88,7 +102,8 @@ def _native_is_avx512() -> bool:
 
 def run_variant(name: str, notebooks: list[str], jobs: int, report: Path) -> tuple[int, float]:
     env = {**os.environ, **VARIANTS[name], "NBVAL_TOLERANT_REPORT": str(report),
-           "COMPANION_DEVICE": "cpu", "PYTHONHASHSEED": "0"}
+           "COMPANION_DEVICE": "cpu", "PYTHONHASHSEED": "0",
+           "NOTEBOOK_TIMINGS": str(report.parent.parent / "timings" / f"portable-{name}.json")}
     report.unlink(missing_ok=True)
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                "--no-header", "-rf", "-o", "testpaths=book", *notebooks]
@@ -135,7 +150,17 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"one of {list(VARIANTS)}, repeatable (default: all this CPU can run)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--report", type=Path, default=ROOT / "_build" / "portability")
+    parser.add_argument("--print-env", metavar="NAME", choices=list(VARIANTS),
+                        help="print the variant's environment as KEY=VALUE lines and exit")
+    parser.add_argument("--ci", action="store_true",
+                        help="print the variants CI uses for make test and make test-portable")
     args = parser.parse_args(argv)
+    if args.print_env:
+        print("\n".join(f"{k}={v}" for k, v in VARIANTS[args.print_env].items()))
+        return 0
+    if args.ci:
+        print(*ci_variants())
+        return 0
     names = args.variants or available_variants()
     if args.variants is None and "avx512" in names and _native_is_avx512():
         names.remove("avx512")  # `make test` has just run the AVX-512 kernels
