@@ -40,6 +40,7 @@ from torch.func import functional_call, grad, vmap
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from companion._validate import check_tensor
 from companion.backprop import _int_at_least, _real
 
 # =========================================================================== test problems
@@ -100,23 +101,37 @@ def trajectory(objective: Callable[[torch.Tensor], torch.Tensor], start: Sequenc
 
 
 def per_example_gradients(model: nn.Module, X: torch.Tensor, y: torch.Tensor,
-                          loss_fn=F.cross_entropy) -> torch.Tensor:
-    """The gradient of the loss of each example, flattened: shape ``(N, n_trainable)``.
+                          loss_fn=F.cross_entropy, *, flatten: bool = True):
+    """The gradient of the loss of each example: shape ``(N, n_trainable)``.
 
     Row ``i`` is the gradient of ``loss_fn(model(X[i:i+1]), y[i:i+1])`` with respect to
     the parameters that require gradients -- those an optimizer would update; frozen ones
     (``requires_grad=False``) are held fixed and get no columns -- concatenated in
     ``model.parameters()`` order; their mean over the rows is the full-batch gradient.
-    Computed in one vectorised pass with ``torch.func``, so the model must treat examples
-    independently and deterministically: a BatchNorm or dropout module in training mode
-    raises ``ValueError`` (call ``model.eval()`` first; a random operation inside
-    ``forward`` makes ``vmap`` raise its own error).
+    ``flatten=False`` returns ``{name: (N, *param.shape)}`` instead (chapter 9's DP-SGD
+    clips these). One vectorised pass: ``torch.func.grad`` makes one example's loss a
+    function of the parameters and ``vmap`` maps it over the batch. The model must treat
+    examples independently and deterministically: a BatchNorm or dropout module in
+    training mode raises ``ValueError`` (call ``model.eval()`` first).
     Book: section "Gradient noise and the batch size".
     """
+    trainable, frozen = _per_example_parameters(model, X, y)
+
+    def loss_of_one(p, x, target):
+        return loss_fn(functional_call(model, {**p, **frozen}, (x[None],)), target[None])
+
+    grads = vmap(grad(loss_of_one), in_dims=(None, 0, 0))(trainable, X, y)  # name -> (N, ...)
+    if not flatten:
+        return grads
+    return torch.cat([g.reshape(len(X), -1) for g in grads.values()], dim=1)  # (N, n_trainable)
+
+
+def _per_example_parameters(model, X, y) -> tuple[dict, dict]:
+    """Check the arguments of :func:`per_example_gradients`; ``(trainable, frozen)``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(X, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise TypeError(f"X and y must be tensors, got {type(X).__name__}, {type(y).__name__}")
+    check_tensor("X", X)
+    check_tensor("y", y)
     if len(X) != len(y):
         raise ValueError(f"X has {len(X)} rows but y has {len(y)}")
     per_batch = [f"{name or 'model'} ({type(m).__name__})" for name, m in model.named_modules()
@@ -131,12 +146,7 @@ def per_example_gradients(model: nn.Module, X: torch.Tensor, y: torch.Tensor,
               if not p.requires_grad}
     if not trainable:
         raise ValueError("model has no parameter that requires gradients")
-
-    def loss_of_one(p, x, target):
-        return loss_fn(functional_call(model, {**p, **frozen}, (x[None],)), target[None])
-
-    grads = vmap(grad(loss_of_one), in_dims=(None, 0, 0))(trainable, X, y)  # name -> (N, ...)
-    return torch.cat([g.reshape(len(X), -1) for g in grads.values()], dim=1)
+    return trainable, frozen
 
 
 def _check_batch_size(per_example_grads: torch.Tensor, batch_size: int) -> int:

@@ -28,10 +28,10 @@ from collections.abc import Callable, Sequence
 import torch
 from scipy import special
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 from companion._validate import check_float, check_int, check_tensor, check_type
 from companion.metrics import BootstrapResult, bootstrap_ci, roc_auc_score
+from companion.optim import per_example_gradients
 
 __all__ = [
     "DEFAULT_ORDERS",
@@ -106,28 +106,17 @@ def per_sample_gradients(model: nn.Module, loss_fn: Callable, x: torch.Tensor,
                          y: torch.Tensor) -> dict[str, torch.Tensor]:
     r"""Gradient of each example's loss, :math:`g_i = \nabla_\theta \ell(f_\theta(x_i), y_i)`.
 
-    ``loss_fn(output, target)`` is called on a batch of one (``x[i:i+1]``, ``y[i:i+1]``),
-    so a mean-reduced loss is the example's own loss. ``torch.func.grad`` differentiates
-    that function of the parameters and ``vmap`` maps it over the batch in one pass.
-    Returns ``{name: (B, *param.shape)}`` for every parameter that requires a gradient;
-    buffers (e.g. batch-norm statistics) are read, not differentiated. Models whose
-    forward pass mixes examples (batch norm in training mode) have no per-example
-    gradients; put them in eval mode or use group norm.
+    ``{name: (B, *param.shape)}`` for every parameter that requires a gradient: chapter
+    3's :func:`companion.optim.per_example_gradients` (one ``vmap`` of ``torch.func.grad``)
+    in Opacus's argument order, unflattened. ``loss_fn(output, target)`` is called on a
+    batch of one, so a mean-reduced loss is the example's own loss. Models whose forward
+    pass mixes examples (batch norm or dropout in training mode) raise ``ValueError``.
     """
-    check_type("model", model, nn.Module)
     check_tensor("x", x)
     check_tensor("y", y)
     if len(x) != len(y):
         raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
-    buffers = {n: b.detach() for n, b in model.named_buffers()}
-
-    def example_loss(params, xi, yi):
-        out = functional_call(model, (params, frozen, buffers), (xi.unsqueeze(0),))
-        return loss_fn(out, yi.unsqueeze(0))
-
-    return vmap(grad(example_loss), in_dims=(None, 0, 0))(params, x, y)  # {n: (B, *shape)}
+    return per_example_gradients(model, x, y, loss_fn, flatten=False)
 
 
 # =========================================================================== DP-SGD
