@@ -1,8 +1,8 @@
 """Choosing a device and making runs repeatable (book: Introduction, "Running the book").
 
-Every notebook starts with::
+Every notebook starts with ``device = setup(seed=0)`` (:mod:`companion.notebook`), which
+calls both of these::
 
-    from companion.device import get_device, seed_everything
     seed_everything(0)
     device = get_device()
 
