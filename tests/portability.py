@@ -10,9 +10,10 @@ every variant.
 
 Usage: ``python tests/portability.py [--variant NAME]... [--jobs N] [--report DIR]
 [NOTEBOOK ...]``; ``--print-env NAME`` prints a variant's environment (``KEY=VALUE``
-lines, for ``env``) and ``--ci`` the two variants CI runs (see :func:`ci_variants`). Prints, per variant, the pytest summary, and at the end the cells that
-deviated from their stored outputs with the largest deviation seen and the tolerance the
-cell declares: the measured spreads behind the tolerances.
+lines, for ``env``) and ``--ci`` the two variants CI runs (see :func:`ci_variants`).
+Prints, per variant, the pytest summary, and at the end the cells that deviated
+from their stored outputs with the largest deviation seen and the tolerance the cell
+declares: the measured spreads behind the tolerances.
 """
 
 from __future__ import annotations

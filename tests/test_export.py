@@ -6,17 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from factories import tiny_gpt
 
 from companion import export
-from companion.transformer import GPT, GPTConfig
 
 LENGTHS = (1, 2, 17, 64, 128)
 
 
 @pytest.fixture(scope="module")
 def gpt():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=11, block_size=128, n_layer=2, n_head=2, n_embd=16)).eval()
+    model = tiny_gpt(vocab_size=11, block_size=128, dtype=torch.float32).eval()
     return model, "abcdefghij "
 
 

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from factories import tiny_gpt
 
 from companion.data import CharCorpus
 from companion.finetune import (
@@ -39,18 +40,17 @@ from companion.finetune import (
 from companion.lora import count_parameters
 from companion.scale import LLAMA2_70B, LLAMA_7B
 from companion.train import LMHistory, fixed_windows, language_model_loss
-from companion.transformer import GPT, GPTConfig
+from companion.transformer import GPT
 
 D, V, L = 16, 7, 2
 
 
-def tiny_gpt() -> GPT:
-    torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=V, block_size=8, n_layer=L, n_head=2, n_embd=D, dropout=0.0))
+def small_gpt() -> GPT:
+    return tiny_gpt(vocab_size=V, block_size=8, n_layer=L, n_embd=D, dtype=torch.float32)
 
 
 def test_untie_head_keeps_outputs_and_separates_the_matrices():
-    model = tiny_gpt()
+    model = small_gpt()
     x = torch.randint(V, (2, 8))
     before = model(x)[0]
     untie_head(model)
@@ -63,23 +63,23 @@ def test_untie_head_keeps_outputs_and_separates_the_matrices():
 
 def test_each_method_trains_what_it_says():
     block = 12 * D * D + 13 * D  # one Transformer block
-    counts = {method: count_parameters(prepare_adaptation(tiny_gpt(), method))
+    counts = {method: count_parameters(prepare_adaptation(small_gpt(), method))
               for method in ("full", "last_block", "head")}
-    assert counts["full"] == tiny_gpt().num_parameters()
+    assert counts["full"] == small_gpt().num_parameters()
     assert counts["head"] == V * D + 2 * D  # untied head + final LayerNorm
     assert counts["last_block"] == counts["head"] + block
-    lora = prepare_adaptation(tiny_gpt(), "lora", rank=2, target_modules=["in_proj"])
+    lora = prepare_adaptation(small_gpt(), "lora", rank=2, target_modules=["in_proj"])
     assert count_parameters(lora) == L * 2 * (D + 3 * D)
-    head = prepare_adaptation(tiny_gpt(), "head")
+    head = prepare_adaptation(small_gpt(), "head")
     assert {n for n, p in head.named_parameters() if p.requires_grad} == {
         "final_norm.weight", "final_norm.bias", "lm_head.weight"}
     with pytest.raises(ValueError, match="method"):
-        prepare_adaptation(tiny_gpt(), "adapters")
+        prepare_adaptation(small_gpt(), "adapters")
 
 
 @pytest.mark.parametrize("method", ["full", "head", "lora"])
 def test_optimizer_state_bytes_are_adams_two_moments(method):
-    model = prepare_adaptation(tiny_gpt(), method)
+    model = prepare_adaptation(small_gpt(), method)
     optimizer = make_optimizer(model, 1e-3)
     assert optimizer_state_bytes(optimizer) == 0
     x = torch.randint(V, (2, 8))
@@ -91,7 +91,7 @@ def test_optimizer_state_bytes_are_adams_two_moments(method):
 def test_fine_tune_trains_only_the_chosen_parameters_and_mixes_rows():
     corpus = CharCorpus("abcdefg" * 40)
     original = CharCorpus("gfedcba" * 40, tokenizer=corpus.tokenizer)
-    model = prepare_adaptation(tiny_gpt(), "head")
+    model = prepare_adaptation(small_gpt(), "head")
     frozen = copy.deepcopy(model.blocks.state_dict())
     settings = FineTuneSettings(steps=6, batch_size=4, block_size=8, eval_every=3,
                                 eval_windows=2)
@@ -114,7 +114,7 @@ def test_steps_to_reach():
 
 def test_training_step_is_one_adamw_step_of_fine_tune_without_clipping():
     x = torch.randint(V, (3, 8), generator=torch.Generator().manual_seed(1))
-    ours, reference = tiny_gpt(), tiny_gpt()
+    ours, reference = small_gpt(), small_gpt()
     step = training_step(ours, x, x, make_optimizer(ours, 1e-2))
     step()
     step()
@@ -131,7 +131,7 @@ def test_training_step_is_one_adamw_step_of_fine_tune_without_clipping():
 
 def test_train_from_scratch_is_seeded_and_matches_a_manual_run():
     corpus = CharCorpus("abcdefg" * 40)
-    config = tiny_gpt().config
+    config = small_gpt().config
     settings = FineTuneSettings(steps=4, batch_size=2, block_size=8, eval_every=2,
                                 eval_windows=2)
     model, history = train_from_scratch(config, corpus, settings, seed=3)
@@ -194,7 +194,7 @@ def test_run_recipe_is_fine_tune_of_the_recipe_and_measures_both_domains():
     original = CharCorpus("gfedcba" * 40, tokenizer=corpus.tokenizer)
     settings = FineTuneSettings(steps=4, batch_size=4, block_size=8, eval_every=2,
                                 eval_windows=2)
-    model = tiny_gpt()
+    model = small_gpt()
     pretrained = copy.deepcopy(model.state_dict())
     for recipe, (method, options, mix) in RECIPES.items():
         net, losses = run_recipe(model, corpus, original, recipe, 1e-2, seed=1,

@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
+from factories import tiny_gpt
 
 from companion import pretrained
 from companion.data import CharCorpus, SortingTask
@@ -20,7 +21,6 @@ from companion.train import (
     ngram_baselines,
     train_language_model,
 )
-from companion.transformer import GPT, GPTConfig
 
 # --------------------------------------------------------------------------- the sorting task
 
@@ -51,8 +51,7 @@ def test_sorting_task_is_seeded_and_rejects_bad_sizes():
 
 
 def _tiny_gpt(vocab_size, block_size, seed=0, dtype=torch.float64):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size, block_size, n_layer=2, n_head=2, n_embd=32)).to(dtype)
+    return tiny_gpt(vocab_size, block_size, n_embd=32, seed=seed, dtype=dtype)
 
 
 def test_exact_match_equals_greedy_decoding():

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from factories import tiny_gpt
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -19,17 +20,14 @@ from companion.lora import (
     lora_parameter_count,
     merge_lora,
 )
-from companion.transformer import GPT, GPTConfig
+from companion.transformer import GPT
 
 TARGETS = {"attention": ["in_proj", "out_proj"], "mlp": ["mlp.0", "mlp.2"],
            "all": ["in_proj", "out_proj", "mlp.0", "mlp.2"]}
 
 
 def small_gpt(device="cpu", dropout=0.0) -> GPT:
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=13, block_size=16, n_layer=2, n_head=2, n_embd=24,
-                    dropout=dropout)
-    return GPT(cfg).to(device, torch.float64)
+    return tiny_gpt(vocab_size=13, block_size=16, n_embd=24, dropout=dropout, device=device)
 
 
 def ours_and_peft(model: nn.Module, targets, rank, alpha, dropout=0.0, seed=1):
