@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from factories import digits_split
 from torch import nn
 
 from companion import distributed as D
-from companion.data import load_digits_split
 
 TIMEOUT = 120.0  # seconds per launch; a healthy launch on 2 busy cores takes a few
 
@@ -38,7 +38,7 @@ def _pid_is_gone(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def digits():
-    return load_digits_split(dtype=torch.float64)
+    return digits_split(torch.float64)
 
 
 # --------------------------------------------------------------------------- simulations
