@@ -9,8 +9,9 @@ Topic modules import from here, never from each other's private helpers.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 
 
@@ -69,3 +70,190 @@ def check_tensor(name: str, value, *, ndim: int | None = None, floating: bool = 
     if dtype is not None and value.dtype != dtype:
         raise TypeError(f"{name} must have dtype {dtype}, got {value.dtype}")
     return value
+
+
+def is_integer(value) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value) -> bool:
+    """A Python or NumPy real number, not a bool."""
+    return (isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, (bool, np.bool_)))
+
+
+def check_callable(name: str, value) -> None:
+    """Raise ``TypeError`` unless ``value`` can be called."""
+    if not callable(value):
+        raise TypeError(f"{name} must be callable, got {type(value).__name__}")
+
+
+def check_batch(name: str, value, *, floating: bool = True) -> torch.Tensor:
+    """A ``(B, ...)`` tensor with ``B >= 1`` (floating-point unless ``floating=False``)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of shape (B, ...), got {type(value).__name__}")
+    if value.dim() < 1 or value.shape[0] == 0:
+        raise ValueError(f"{name} must have a batch dimension of size >= 1, got shape "
+                         f"{tuple(value.shape)}")
+    if floating and not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    return value
+
+
+# --------------------------------------------------------------------------- array-likes
+# Metrics accept tensors on any device, NumPy arrays and lists, and work on the device of
+# the first tensor given (:func:`device_of`), in float64 (:func:`float_dtype`).
+
+
+def device_of(*values) -> torch.device:
+    """The device of the first tensor among ``values`` (the CPU if there is none)."""
+    return next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
+
+
+def float_dtype(device: torch.device) -> torch.dtype:
+    """float64, or float32 on Apple's MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def as_tensor(name: str, value, device: torch.device) -> torch.Tensor:
+    """A tensor (detached), NumPy array or list of numbers as a tensor on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device)
+    if isinstance(value, (np.ndarray, list, tuple)):
+        array = np.asarray(value)
+        if array.dtype.kind not in "biuf":
+            raise TypeError(f"{name} must hold numbers, got an array of dtype {array.dtype}")
+        return torch.as_tensor(array, device=device)
+    raise TypeError(f"{name} must be a torch.Tensor, NumPy array or list, "
+                    f"got {type(value).__name__}")
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Raise ``ValueError`` if ``t`` holds NaN or infinity."""
+    # one cheap reduction first: the sum is finite unless some entry is not (or it overflows)
+    if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains NaN or infinity")
+
+
+def check_labels(name: str, value, device: torch.device) -> torch.Tensor:
+    """Class labels as a non-empty 1-D int64 tensor (floats must hold whole numbers)."""
+    t = as_tensor(name, value, device)
+    if t.ndim != 1:
+        raise ValueError(f"{name} must be 1-D class labels, got shape {tuple(t.shape)} "
+                         "(multilabel targets are not supported)")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty; at least one sample is needed")
+    if t.is_floating_point():
+        check_finite(name, t)
+        if (t != t.round()).any():
+            bad = t[t != t.round()][0].item()
+            raise ValueError(f"{name} must hold class labels, got the non-integer value {bad}")
+    elif t.is_complex():
+        raise TypeError(f"{name} must hold class labels, got dtype {t.dtype}")
+    return t.long()
+
+
+def check_label_list(name: str, value, device: torch.device) -> torch.Tensor:
+    """Class labels that do not repeat (an argument such as ``labels=[0, 2, 1]``)."""
+    t = check_labels(name, value, device)
+    if len(torch.unique(t)) != len(t):
+        raise ValueError(f"{name} must not repeat a label, got {t.tolist()}")
+    return t
+
+
+def check_real(name: str, value, device: torch.device, ndims=(1,),
+               finite: bool = True) -> torch.Tensor:
+    """Real numbers (scores, probabilities) as a non-empty float64 tensor, ``ndim`` in ``ndims``."""
+    t = as_tensor(name, value, device)
+    if t.is_complex():
+        raise TypeError(f"{name} must be real, got dtype {t.dtype}")
+    t = t.to(float_dtype(device))
+    if t.ndim not in ndims:
+        raise ValueError(f"{name} must have {' or '.join(map(str, ndims))} dimension(s), "
+                         f"got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty; at least one sample is needed")
+    if finite:
+        check_finite(name, t)
+    return t
+
+
+def check_unit_interval(name: str, p: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless every entry of ``p`` is in [0, 1]."""
+    if p.max() > 1:
+        raise ValueError(f"{name} contains values greater than 1: {p.max().item()}")
+    if p.min() < 0:
+        raise ValueError(f"{name} contains values lower than 0: {p.min().item()}")
+
+
+def check_sample_weight(value, n: int, device: torch.device) -> torch.Tensor | None:
+    """``sample_weight``: ``None``, or ``n`` non-negative finite numbers with a positive sum."""
+    if value is None:
+        return None
+    w = check_real("sample_weight", value, device)
+    if len(w) != n:
+        raise ValueError(f"sample_weight has {len(w)} entries for {n} samples")
+    if (w < 0).any():
+        raise ValueError("sample_weight must be non-negative")
+    if w.sum() == 0:
+        raise ValueError("sample_weight sums to zero")
+    return w
+
+
+def check_same_length(**arrays) -> int:
+    """The common length of the named arrays; ``ValueError`` naming them all if they differ."""
+    lengths = {name: len(a) for name, a in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError("inputs have different lengths: "
+                         + ", ".join(f"{k}={v}" for k, v in lengths.items()))
+    return next(iter(lengths.values()))
+
+
+# --------------------------------------------------------------------------- attributions
+# Captum's conventions for ``baselines`` and ``target`` (chapter 6, companion.interpret).
+
+
+def check_baselines(inputs: torch.Tensor, baselines) -> torch.Tensor:
+    """``baselines`` (``None``: zeros, a number, or a tensor) as a tensor shaped
+    ``(B, ...)`` or ``(1, ...)`` that broadcasts on the ``(B, ...)`` ``inputs``."""
+    if baselines is None:
+        return torch.zeros_like(inputs[:1])
+    if is_real(baselines):  # a Python or NumPy number
+        return torch.full_like(inputs[:1], baselines.item() if isinstance(baselines, np.generic)
+                               else baselines)
+    if not isinstance(baselines, torch.Tensor):
+        raise TypeError("baselines must be None, a number or a tensor, got "
+                        f"{type(baselines).__name__}")
+    allowed = (tuple(inputs.shape), (1, *inputs.shape[1:]))
+    if tuple(baselines.shape) not in allowed:
+        raise ValueError(f"baselines must have shape {allowed[0]} or {allowed[1]} (like inputs), "
+                         f"got {tuple(baselines.shape)}")
+    return baselines.to(dtype=inputs.dtype, device=inputs.device)
+
+
+def check_target(target, n_examples: int, n_outputs: int | None, device) -> torch.Tensor | None:
+    """``target`` as a ``(n_examples,)`` long tensor of output indices, or ``None`` when the
+    model returns one number per example (``n_outputs`` is ``None``, or 1 and no target)."""
+    if target is None:
+        if n_outputs not in (None, 1):
+            raise ValueError(f"target is needed: forward_func returns {n_outputs} outputs per "
+                             "example; give the index of the one to explain")
+        return None
+    if n_outputs is None:
+        raise ValueError("target must be None when forward_func returns one number per example")
+    if isinstance(target, (bool, np.bool_, str, bytes)) \
+            or not isinstance(target, (int, np.integer, Sequence, np.ndarray, torch.Tensor)):
+        raise TypeError(f"target must be an int, a sequence or array of ints or a tensor, got "
+                        f"{type(target).__name__}")
+    index = torch.as_tensor(target, device=device)
+    if index.dtype == torch.bool or index.is_floating_point() or index.is_complex() \
+            or index.dim() > 1:
+        raise TypeError(f"target must hold integer indices in at most one dimension, got "
+                        f"dtype {index.dtype} and shape {tuple(index.shape)}")
+    if index.dim() == 1 and index.numel() != n_examples:
+        raise ValueError(f"target has {index.numel()} entries but there are {n_examples} examples")
+    if index.numel() and not bool(((index >= 0) & (index < n_outputs)).all()):
+        raise ValueError(f"target must be in [0, {n_outputs}) (the outputs of forward_func), "
+                         f"got {index.tolist()}")
+    return index.long().expand(n_examples)

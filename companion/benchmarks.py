@@ -359,6 +359,26 @@ def _bench_f1(device, quick):
     return Case(lambda: f1_score(y, pred), lambda: sklearn_f1_score(y_np, pred_np),
                 "sklearn.metrics (NumPy)", f"n={n:,}", work=n, work_unit="samples")
 
+
+@benchmark("precision_recall_fscore_support: tensors vs scikit-learn", "5")
+def _bench_prfs(device, quick):
+    """Per-class precision, recall, F1 and support of 10 classes (three bincounts)."""
+    from sklearn.metrics import precision_recall_fscore_support as sklearn_prfs
+
+    from companion.metrics import precision_recall_fscore_support
+
+    n = 10_000 if quick else 1_000_000
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (n,), generator=g)
+    pred = torch.where(torch.rand(n, generator=g) < 0.7, y, torch.randint(0, 10, (n,),
+                                                                          generator=g))
+    y_np, pred_np = y.numpy(), pred.numpy()
+    y, pred = y.to(device), pred.to(device)
+    return Case(lambda: precision_recall_fscore_support(y, pred),
+                lambda: sklearn_prfs(y_np, pred_np), "sklearn.metrics (NumPy)",
+                f"n={n:,}, 10 classes", work=n, work_unit="samples")
+
+
 # --- Chapter 6: interpretability --------------------------------------------------------
 
 

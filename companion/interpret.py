@@ -17,30 +17,36 @@ This module implements the pieces the chapter derives and tests:
   sanity check :cite:p:`adebayo2018sanity`.
 * :func:`attention_rollout` -- attention flow through the layers of a Transformer
   :cite:p:`abnar2020quantifying`.
-* :func:`show_image_attributions`, :func:`show_text_attribution` -- figures in the book's
-  style.
 
 Every function takes batch-first tensors, ``(B, ...)``, and works on any device; ``(B,)``
 means one feature per example. Data (inputs, baselines given as arrays, attributions,
 masks, attention maps) must be tensors; numbers (``n_steps``, a constant baseline,
 ``residual_weight``, ...) may be Python or NumPy scalars, and ``target`` may be an int, a
 sequence of ints, a NumPy integer array or a tensor. A wrong type raises ``TypeError``, a
-wrong value or shape ``ValueError``.
+wrong value or shape ``ValueError``; the checks are in ``companion/_validate.py``. The
+figures of attributions are drawn by :func:`companion.plotting.show_image_attributions`
+and :func:`companion.plotting.show_text_attribution`.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import textwrap
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from companion.plotting import DIVERGING_CMAP, label, subplots
+from companion._validate import (
+    check_baselines,
+    check_batch,
+    check_callable,
+    check_target,
+    is_integer,
+    is_real,
+)
 
 #: The quadrature rules of :func:`path_quadrature` (Captum's names).
 QUADRATURE_METHODS = (
@@ -51,101 +57,19 @@ QUADRATURE_METHODS = (
     "gausslegendre",
 )
 
-# --------------------------------------------------------------------------- input checks
-
-
-def _is_int(value) -> bool:
-    """A Python or NumPy integer, not a bool."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_real(value) -> bool:
-    """A Python or NumPy real number, not a bool."""
-    return (isinstance(value, (int, float, np.integer, np.floating))
-            and not isinstance(value, (bool, np.bool_)))
-
-
-def _rows(values: Tensor) -> Tensor:
-    """``(B, ...)`` as ``(B, D)``: one row of ``D`` features per example (``(B,)`` gives D = 1)."""
-    return values.reshape(values.shape[0], -1)
-
-
-def _check_forward_func(forward_func) -> None:
-    if not callable(forward_func):
-        raise TypeError(f"forward_func must be callable, got {type(forward_func).__name__}")
-
-
-def _check_batch(inputs, name: str = "inputs", floating: bool = True) -> Tensor:
-    if not isinstance(inputs, Tensor):
-        raise TypeError(f"{name} must be a tensor of shape (B, ...), got {type(inputs).__name__}")
-    if inputs.dim() < 1 or inputs.shape[0] == 0:
-        raise ValueError(f"{name} must have a batch dimension of size >= 1, got shape "
-                         f"{tuple(inputs.shape)}")
-    if floating and not inputs.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {inputs.dtype}")
-    return inputs
-
-
-def _as_baselines(inputs: Tensor, baselines) -> Tensor:
-    """``baselines`` as a tensor shaped ``(B, ...)`` or ``(1, ...)`` to broadcast on ``inputs``."""
-    if baselines is None:
-        return torch.zeros_like(inputs[:1])
-    if _is_real(baselines):  # a Python or NumPy number
-        return torch.full_like(inputs[:1], baselines.item() if isinstance(baselines, np.generic)
-                               else baselines)
-    if not isinstance(baselines, Tensor):
-        raise TypeError("baselines must be None, a number or a tensor, got "
-                        f"{type(baselines).__name__}")
-    allowed = (tuple(inputs.shape), (1, *inputs.shape[1:]))
-    if tuple(baselines.shape) not in allowed:
-        raise ValueError(f"baselines must have shape {allowed[0]} or {allowed[1]} (like inputs), "
-                         f"got {tuple(baselines.shape)}")
-    return baselines.to(dtype=inputs.dtype, device=inputs.device)
-
-
-def _target_index(target, n_examples: int, n_outputs: int | None, device) -> Tensor | None:
-    """``target`` as a ``(n_examples,)`` long tensor of output indices, or ``None``."""
-    if target is None:
-        if n_outputs not in (None, 1):
-            raise ValueError(f"target is needed: forward_func returns {n_outputs} outputs per "
-                             "example; give the index of the one to explain")
-        return None
-    if n_outputs is None:
-        raise ValueError("target must be None when forward_func returns one number per example")
-    if isinstance(target, (bool, np.bool_, str, bytes)) \
-            or not isinstance(target, (int, np.integer, Sequence, np.ndarray, Tensor)):
-        raise TypeError(f"target must be an int, a sequence or array of ints or a tensor, got "
-                        f"{type(target).__name__}")
-    index = torch.as_tensor(target, device=device)
-    if index.dtype == torch.bool or index.is_floating_point() or index.is_complex() \
-            or index.dim() > 1:
-        raise TypeError(f"target must hold integer indices in at most one dimension, got "
-                        f"dtype {index.dtype} and shape {tuple(index.shape)}")
-    if index.dim() == 1 and index.numel() != n_examples:
-        raise ValueError(f"target has {index.numel()} entries but there are {n_examples} examples")
-    if index.numel() and not bool(((index >= 0) & (index < n_outputs)).all()):
-        raise ValueError(f"target must be in [0, {n_outputs}) (the outputs of forward_func), "
-                         f"got {index.tolist()}")
-    return index.long().expand(n_examples)
-
-
-def _select(output, target, n_examples: int, n_repeats: int) -> Tensor:
-    """The explained number per row of ``output``: ``(n_repeats * n_examples,)``.
-
-    The rows of ``output`` are ``n_repeats`` blocks of the ``n_examples`` examples, in
-    that order (the layout of a batch of paths, perturbations or coalitions).
-    """
-    if not isinstance(output, Tensor):
-        raise TypeError(f"forward_func must return a tensor, got {type(output).__name__}")
-    n_rows = n_repeats * n_examples
-    if output.dim() not in (1, 2) or output.shape[0] != n_rows:
-        raise ValueError(f"forward_func must return shape ({n_rows},) or ({n_rows}, outputs) "
-                         f"for {n_rows} input rows, got {tuple(output.shape)}")
-    n_outputs = output.shape[1] if output.dim() == 2 else None
-    index = _target_index(target, n_examples, n_outputs, output.device)
-    if index is None:
-        return output.reshape(n_rows)
-    return output.gather(1, index.repeat(n_repeats)[:, None]).squeeze(1)
+__all__ = [
+    "QUADRATURE_METHODS",
+    "path_quadrature",
+    "integrated_gradients",
+    "forward_from_layer",
+    "shapley_values",
+    "PerturbationCurve",
+    "perturbation_curve",
+    "rank_correlation",
+    "randomizable_layers",
+    "cascading_randomization",
+    "attention_rollout",
+]
 
 
 # --------------------------------------------------------------------------- integrated gradients
@@ -176,7 +100,7 @@ def path_quadrature(method: str = "riemann_trapezoid", n_steps: int = 50, *,
     if method not in QUADRATURE_METHODS:
         raise ValueError(f"method must be one of {QUADRATURE_METHODS}, got {method!r}")
     minimum = 2 if method == "riemann_trapezoid" else 1
-    if not _is_int(n_steps):
+    if not is_integer(n_steps):
         raise TypeError(f"n_steps must be an int, got {type(n_steps).__name__}")
     if n_steps < minimum:
         raise ValueError(f"n_steps must be an int >= {minimum} for {method}, got {n_steps!r}")
@@ -243,9 +167,9 @@ def integrated_gradients(forward_func: Callable[[Tensor], Tensor], inputs: Tenso
     attributions : ``(B, ...)`` tensor, like ``inputs``
     delta : ``(B,)`` tensor, only if ``return_convergence_delta``
     """
-    _check_forward_func(forward_func)
-    inputs = _check_batch(inputs)
-    baselines = _as_baselines(inputs, baselines)
+    check_callable("forward_func", forward_func)
+    inputs = check_batch("inputs", inputs)
+    baselines = check_baselines(inputs, baselines)
     alphas, weights = path_quadrature(method, n_steps, dtype=inputs.dtype, device=inputs.device)
     n_examples, feature_dims = inputs.shape[0], (1,) * inputs.dim()
 
@@ -254,7 +178,7 @@ def integrated_gradients(forward_func: Callable[[Tensor], Tensor], inputs: Tenso
     path = baselines.detach() + alphas.view(n_steps, *feature_dims) * difference  # (n, B, ...)
     path = path.flatten(0, 1).requires_grad_(True)  # (n * B, ...)
     with torch.enable_grad():
-        explained = _select(forward_func(path), target, n_examples, n_steps)  # (n * B,)
+        explained = _explained(forward_func(path), target, n_examples, n_steps)  # (n * B,)
         # Rows do not interact, so the gradient of the sum holds every row's own gradient.
         gradients = (torch.autograd.grad(explained.sum(), path, allow_unused=True)[0]
                      if explained.requires_grad else None)
@@ -266,9 +190,9 @@ def integrated_gradients(forward_func: Callable[[Tensor], Tensor], inputs: Tenso
     if not return_convergence_delta:
         return attributions
     with torch.no_grad():
-        at_inputs = _select(forward_func(inputs), target, n_examples, 1)
+        at_inputs = _explained(forward_func(inputs), target, n_examples, 1)
         start = baselines.expand_as(inputs).contiguous()
-        at_baselines = _select(forward_func(start), target, n_examples, 1)
+        at_baselines = _explained(forward_func(start), target, n_examples, 1)
     delta = _rows(attributions).sum(1) - (at_inputs - at_baselines)
     return attributions, delta
 
@@ -285,10 +209,10 @@ def forward_from_layer(forward_func: Callable[[Tensor], Tensor], layer: nn.Modul
     :math:`k B` rows for ``inputs`` of :math:`B` rows (the :math:`k` steps of IG's paths,
     step-major); ``inputs`` are repeated :math:`k` times to match. Book: chapter 6, text.
     """
-    _check_forward_func(forward_func)
+    check_callable("forward_func", forward_func)
     if not isinstance(layer, nn.Module):
         raise TypeError(f"layer must be an nn.Module, got {type(layer).__name__}")
-    inputs = _check_batch(inputs, floating=False)
+    inputs = check_batch("inputs", inputs, floating=False)
 
     def forward(layer_output: Tensor) -> Tensor:
         repeats, rest = divmod(layer_output.shape[0], inputs.shape[0])
@@ -331,24 +255,11 @@ def shapley_values(forward_func: Callable[[Tensor], Tensor], inputs: Tensor, bas
     Returns a tensor shaped like ``inputs`` in which every feature carries the value of its
     group (Captum's convention for ``feature_mask``).
     """
-    _check_forward_func(forward_func)
-    inputs = _check_batch(inputs)
-    baselines = _as_baselines(inputs, baselines)
-    if not isinstance(feature_mask, Tensor) or feature_mask.is_floating_point():
-        raise TypeError("feature_mask must be an integer tensor of group ids")
-    if tuple(feature_mask.shape) != tuple(inputs.shape[1:]):
-        raise ValueError(f"feature_mask must have the shape of one example, "
-                         f"{tuple(inputs.shape[1:])}, got {tuple(feature_mask.shape)}")
-    groups = feature_mask.flatten().to(inputs.device).long()  # (D,)
+    check_callable("forward_func", forward_func)
+    inputs = check_batch("inputs", inputs)
+    baselines = check_baselines(inputs, baselines)
+    groups = _check_feature_mask(feature_mask, inputs, max_groups)  # (D,): group of feature j
     n_groups = int(groups.max()) + 1
-    if int(groups.min()) != 0 or torch.unique(groups).numel() != n_groups:
-        raise ValueError(f"feature_mask must use every group id 0 .. M-1, got ids "
-                         f"{torch.unique(groups).tolist()}")
-    if not _is_int(max_groups):
-        raise TypeError(f"max_groups must be an int, got {type(max_groups).__name__}")
-    if n_groups > max_groups:
-        raise ValueError(f"feature_mask has {n_groups} groups; exact Shapley values need "
-                         f"2**{n_groups} forward rows per example (max_groups={max_groups})")
 
     n_examples, n_coalitions = inputs.shape[0], 2 ** n_groups
     ids = torch.arange(n_coalitions, device=inputs.device)  # coalition S as a bit set
@@ -359,7 +270,7 @@ def shapley_values(forward_func: Callable[[Tensor], Tensor], inputs: Tensor, bas
     with torch.no_grad():
         mixtures = torch.where(keep[:, None, :], x, b)  # (2^M, B, D)
         rows = mixtures.reshape(n_coalitions * n_examples, *inputs.shape[1:])
-        value = _select(forward_func(rows), target, n_examples, n_coalitions)
+        value = _explained(forward_func(rows), target, n_examples, n_coalitions)
     value = value.view(n_coalitions, n_examples)  # v(S) for every S and example
     # |S|! (M - |S| - 1)! / M! = 1 / (M * binom(M - 1, |S|)), for |S| = 0 .. M-1
     weight_of_size = torch.tensor([1.0 / (n_groups * math.comb(n_groups - 1, s))
@@ -422,24 +333,14 @@ def perturbation_curve(forward_func: Callable[[Tensor], Tensor], inputs: Tensor,
         Number of points :math:`K`, evenly spaced in :math:`k`; default: every
         :math:`k = 0 \dots D`.
     """
-    _check_forward_func(forward_func)
-    inputs = _check_batch(inputs, floating=False)
-    attributions = _check_batch(attributions, "attributions").to(inputs.device)
-    if attributions.shape != inputs.shape:
-        raise ValueError(f"attributions must have the shape of inputs, {tuple(inputs.shape)}, "
-                         f"got {tuple(attributions.shape)}")
+    check_callable("forward_func", forward_func)
+    inputs = check_batch("inputs", inputs, floating=False)
+    attributions = _check_attributions(attributions, inputs)
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
-    baselines = _as_baselines(inputs, baselines)
+    baselines = check_baselines(inputs, baselines)
     n_examples, n_features = inputs.shape[0], inputs[0].numel()
-    if n_points is None:
-        counts = torch.arange(n_features + 1, device=inputs.device)
-    elif not _is_int(n_points):
-        raise TypeError(f"n_points must be None or an int >= 2, got {type(n_points).__name__}")
-    elif n_points >= 2:
-        counts = torch.linspace(0, n_features, int(n_points), device=inputs.device).round().long()
-    else:
-        raise ValueError(f"n_points must be None or an int >= 2, got {n_points!r}")
+    counts = _feature_counts(n_points, n_features, inputs.device)  # (K,): values of k
 
     order = torch.argsort(_rows(attributions), dim=1, descending=True, stable=True)  # (B, D)
     rank = torch.empty_like(order)  # rank[b, j] = position of feature j in the ranking
@@ -449,7 +350,7 @@ def perturbation_curve(forward_func: Callable[[Tensor], Tensor], inputs: Tensor,
     with torch.no_grad():
         perturbed = torch.where(top_k, b, x) if mode == "deletion" else torch.where(top_k, x, b)
         rows = perturbed.reshape(len(counts) * n_examples, *inputs.shape[1:])
-        scores = _select(forward_func(rows), target, n_examples, len(counts))
+        scores = _explained(forward_func(rows), target, n_examples, len(counts))
     scores = scores.view(len(counts), n_examples).T  # (B, K)
     return PerturbationCurve(mode, counts.to(scores.dtype) / n_features, scores)
 
@@ -474,7 +375,7 @@ def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
     ``(B, ...)``; the result is ``(B,)`` in float64. Used to compare attributions of a
     trained and a randomised model :cite:p:`adebayo2018sanity` (chapter 6).
     """
-    a, b = _check_batch(a, "a", floating=False), _check_batch(b, "b", floating=False)
+    a, b = check_batch("a", a, floating=False), check_batch("b", b, floating=False)
     for name, values in (("a", a), ("b", b)):
         if values.dim() < 2:
             raise ValueError(f"{name} must have shape (B, D, ...): a ranking of D features per "
@@ -511,7 +412,7 @@ def cascading_randomization(model: nn.Module, seed: int = 0) -> list[tuple[str, 
     ``[(name of the layer reset last, copy k), ...]`` for :math:`k = 1, \dots, L`; the
     model itself is untouched.
     """
-    if not _is_int(seed):
+    if not is_integer(seed):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     layers = randomizable_layers(model)
     if not layers:
@@ -553,6 +454,88 @@ def attention_rollout(attention_maps: Sequence[Tensor], residual_weight: float =
     -------
     ``(B, T, T)`` tensor whose rows sum to one.
     """
+    _check_attention_maps(attention_maps)
+    residual_weight = _check_residual_weight(residual_weight)
+    first = attention_maps[0]  # (B, n_head, T, T)
+    eye = torch.eye(first.shape[-1], dtype=first.dtype, device=first.device)
+    rollout = None
+    for maps in attention_maps:
+        mixed = residual_weight * eye + (1 - residual_weight) * maps.mean(1)  # (B, T, T)
+        mixed = mixed / mixed.sum(-1, keepdim=True)
+        rollout = mixed if rollout is None else mixed @ rollout
+    return rollout
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _rows(values: Tensor) -> Tensor:
+    """``(B, ...)`` as ``(B, D)``: one row of ``D`` features per example (``(B,)`` gives D = 1)."""
+    return values.reshape(values.shape[0], -1)
+
+
+def _explained(output, target, n_examples: int, n_repeats: int) -> Tensor:
+    """The explained number per row of ``output``: ``(n_repeats * n_examples,)``.
+
+    The rows of ``output`` are ``n_repeats`` blocks of the ``n_examples`` examples, in
+    that order (the layout of a batch of paths, perturbations or coalitions); ``target``
+    picks one column of a ``(N, C)`` output per example.
+    """
+    if not isinstance(output, Tensor):
+        raise TypeError(f"forward_func must return a tensor, got {type(output).__name__}")
+    n_rows = n_repeats * n_examples
+    if output.dim() not in (1, 2) or output.shape[0] != n_rows:
+        raise ValueError(f"forward_func must return shape ({n_rows},) or ({n_rows}, outputs) "
+                         f"for {n_rows} input rows, got {tuple(output.shape)}")
+    n_outputs = output.shape[1] if output.dim() == 2 else None
+    index = check_target(target, n_examples, n_outputs, output.device)
+    if index is None:
+        return output.reshape(n_rows)
+    return output.gather(1, index.repeat(n_repeats)[:, None]).squeeze(1)
+
+
+def _check_feature_mask(feature_mask, inputs: Tensor, max_groups) -> Tensor:
+    """The group id of every feature, ``(D,)`` int64, using each id ``0 .. M-1``."""
+    if not isinstance(feature_mask, Tensor) or feature_mask.is_floating_point():
+        raise TypeError("feature_mask must be an integer tensor of group ids")
+    if tuple(feature_mask.shape) != tuple(inputs.shape[1:]):
+        raise ValueError(f"feature_mask must have the shape of one example, "
+                         f"{tuple(inputs.shape[1:])}, got {tuple(feature_mask.shape)}")
+    groups = feature_mask.flatten().to(inputs.device).long()  # (D,)
+    n_groups = int(groups.max()) + 1
+    if int(groups.min()) != 0 or torch.unique(groups).numel() != n_groups:
+        raise ValueError(f"feature_mask must use every group id 0 .. M-1, got ids "
+                         f"{torch.unique(groups).tolist()}")
+    if not is_integer(max_groups):
+        raise TypeError(f"max_groups must be an int, got {type(max_groups).__name__}")
+    if n_groups > max_groups:
+        raise ValueError(f"feature_mask has {n_groups} groups; exact Shapley values need "
+                         f"2**{n_groups} forward rows per example (max_groups={max_groups})")
+    return groups
+
+
+def _check_attributions(attributions, inputs: Tensor) -> Tensor:
+    """Floating ``attributions`` shaped like ``inputs``, on their device."""
+    attributions = check_batch("attributions", attributions).to(inputs.device)
+    if attributions.shape != inputs.shape:
+        raise ValueError(f"attributions must have the shape of inputs, {tuple(inputs.shape)}, "
+                         f"got {tuple(attributions.shape)}")
+    return attributions
+
+
+def _feature_counts(n_points, n_features: int, device) -> Tensor:
+    """The numbers of perturbed features :math:`k` of a curve's ``n_points`` points."""
+    if n_points is None:
+        return torch.arange(n_features + 1, device=device)
+    if not is_integer(n_points):
+        raise TypeError(f"n_points must be None or an int >= 2, got {type(n_points).__name__}")
+    if n_points < 2:
+        raise ValueError(f"n_points must be None or an int >= 2, got {n_points!r}")
+    return torch.linspace(0, n_features, int(n_points), device=device).round().long()
+
+
+def _check_attention_maps(attention_maps) -> None:
+    """A non-empty list of floating ``(B, n_head, T, T)`` tensors of one shape."""
     if isinstance(attention_maps, Tensor) or not isinstance(attention_maps, Sequence) \
             or len(attention_maps) == 0:
         raise TypeError("attention_maps must be a non-empty list of (B, n_head, T, T) tensors")
@@ -566,120 +549,12 @@ def attention_rollout(attention_maps: Sequence[Tensor], residual_weight: float =
                 or maps.shape[-1] != maps.shape[-2]:
             raise ValueError(f"{name} must be a (B, n_head, T, T) tensor shaped like "
                              f"attention_maps[0], got {tuple(maps.shape)}")
-    shape = attention_maps[0].shape
-    if not _is_real(residual_weight):
+
+
+def _check_residual_weight(residual_weight) -> float:
+    if not is_real(residual_weight):
         raise TypeError(f"residual_weight must be a number in [0, 1], got "
                         f"{type(residual_weight).__name__}")
     if not 0.0 <= residual_weight <= 1.0:
         raise ValueError(f"residual_weight must be in [0, 1], got {residual_weight}")
-    residual_weight = float(residual_weight)
-    eye = torch.eye(shape[-1], dtype=attention_maps[0].dtype, device=attention_maps[0].device)
-    rollout = None
-    for maps in attention_maps:
-        mixed = residual_weight * eye + (1 - residual_weight) * maps.mean(1)  # (B, T, T)
-        mixed = mixed / mixed.sum(-1, keepdim=True)
-        rollout = mixed if rollout is None else mixed @ rollout
-    return rollout
-
-
-# --------------------------------------------------------------------------- figures
-
-
-def show_image_attributions(images: Tensor, attributions: Mapping[str, Tensor], *, title: str,
-                            row_labels: Sequence[str] | None = None,
-                            image_shape: tuple[int, int] | None = None):
-    """A grid: one row per image, the image first, then one column per attribution method.
-
-    Each attribution panel is divided by its own largest absolute value, so that every
-    panel spans the shared colour bar ("scaled attribution") from -1 (blue: evidence
-    against the target) to +1 (red: evidence for it); the methods' raw units differ.
-    The input column is drawn in grey levels from black (0, the background of the digits
-    and the "black" baseline) to white (the image's largest value).
-    ``images`` is ``(N, ...)``, reshaped to ``image_shape`` (default: the last two
-    dimensions); ``attributions`` maps a method name to a tensor shaped like ``images``.
-    Method names longer than 12 characters wrap at a space. Returns the figure.
-    """
-    images = _check_batch(images, "images")
-    if not attributions:
-        raise ValueError("attributions must name at least one method")
-    for name, values in attributions.items():
-        if tuple(values.shape) != tuple(images.shape):
-            raise ValueError(f"attributions[{name!r}] must have the shape of images, "
-                             f"{tuple(images.shape)}, got {tuple(values.shape)}")
-    shape = tuple(image_shape or images.shape[-2:])
-    n_rows, n_cols = images.shape[0], 1 + len(attributions)
-    fig, axes = subplots(n_rows, n_cols, title=title, squeeze=False,
-                         figsize=(1.45 * n_cols + 1.0, 1.45 * n_rows + 0.7))
-    columns = [("input", images, "gray")] + [(k, v, DIVERGING_CMAP)
-                                                 for k, v in attributions.items()]
-    for col, (name, values, cmap) in enumerate(columns):
-        values = values.detach().to("cpu", torch.float64).numpy()
-        for row in range(n_rows):
-            ax, panel = axes[row, col], values[row].reshape(shape)
-            if col == 0:
-                ax.imshow(panel, cmap=cmap, vmin=0.0, vmax=max(panel.max(), 1e-12))
-                ax.set_ylabel(row_labels[row] if row_labels else f"example {row}")
-            else:
-                scale = max(np.abs(panel).max(), 1e-12)
-                image = ax.imshow(panel / scale, cmap=cmap, vmin=-1.0, vmax=1.0)
-            if row == 0:  # long names wrap at a space, so that neighbouring titles keep apart
-                ax.set_title(textwrap.fill(name, 12, break_long_words=False), fontsize=11)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.grid(False)
-    colorbar = fig.colorbar(image, ax=axes, shrink=min(0.8, 0.3 + 0.15 * n_rows), pad=0.02,
-                            aspect=12 + 4 * n_rows)
-    colorbar.set_label("scaled attribution", fontsize=10)
-    colorbar.set_ticks([-1.0, 0.0, 1.0])
-    return fig
-
-
-def _printable(character: str) -> str:
-    return {" ": "\u2423", "\n": "\u21b5", "\t": "\u2192"}.get(character, character)
-
-
-def show_text_attribution(text: str, scores, ax, *, title: str, line_width: int = 32,
-                          cbar_label: str = "attribution"):
-    """Characters of ``text`` on a grid, each cell coloured by its score (red +, blue -).
-
-    ``scores`` has one number per character; the colour scale is symmetric about zero
-    (white). The text wraps every ``line_width`` characters; spaces show as ``\u2423``
-    and newlines as ``\u21b5``. Returns ``ax``.
-    """
-    values = np.asarray(scores.detach().cpu() if hasattr(scores, "detach") else scores,
-                        dtype=np.float64)
-    if values.ndim != 1 or len(values) != len(text):
-        raise ValueError(f"scores must hold one number per character ({len(text)}), got "
-                         f"shape {values.shape}")
-    n_lines = -(-len(text) // line_width)
-    grid = np.full(n_lines * line_width, np.nan)
-    grid[:len(text)] = values
-    limit = max(float(np.abs(values).max()), 1e-12)
-    image = ax.imshow(np.ma.masked_invalid(grid.reshape(n_lines, line_width)),
-                      cmap=DIVERGING_CMAP, vmin=-limit, vmax=limit, aspect="auto")
-    for position, (character, value) in enumerate(zip(text, values)):
-        ax.text(position % line_width, position // line_width, _printable(character),
-                ha="center", va="center", fontsize=10, family="monospace",
-                color="white" if abs(value) > 0.6 * limit else "black")  # legible on dark
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.grid(False)
-    ax.figure.colorbar(image, ax=ax, pad=0.01).set_label(cbar_label)
-    return label(ax, title, "character (read left to right, top to bottom)", "line")
-
-
-__all__ = [
-    "QUADRATURE_METHODS",
-    "path_quadrature",
-    "integrated_gradients",
-    "forward_from_layer",
-    "shapley_values",
-    "PerturbationCurve",
-    "perturbation_curve",
-    "rank_correlation",
-    "randomizable_layers",
-    "cascading_randomization",
-    "attention_rollout",
-    "show_image_attributions",
-    "show_text_attribution",
-]
+    return float(residual_weight)

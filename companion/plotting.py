@@ -3,15 +3,21 @@
 Call :func:`use_book_style` once at the top of a notebook, then make figures with
 :func:`subplots` and finish each axis with :func:`label`, so that every plot has a
 title, labelled axes and the same fonts, sizes and colour-blind-safe palette.
+Chapter 6's attribution figures are here too: :func:`show_image_attributions` and
+:func:`show_text_attribution`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
+import torch
+
+from companion._validate import check_batch
 
 #: Colour-blind-safe palette used for every line and bar in the book.
 PALETTE = sns.color_palette("colorblind")
@@ -147,4 +153,92 @@ __all__ = [
     "label",
     "heatmap",
     "close_all",
+    "show_image_attributions",
+    "show_text_attribution",
 ]
+
+
+# ------------------------------------------------------------------- attributions (chapter 6)
+
+
+def show_image_attributions(images: torch.Tensor, attributions: Mapping[str, torch.Tensor],
+                            *, title: str, row_labels: Sequence[str] | None = None,
+                            image_shape: tuple[int, int] | None = None):
+    """A grid: one row per image, the image first, then one column per attribution method.
+
+    Each attribution panel is divided by its own largest absolute value, so that every
+    panel spans the shared colour bar ("scaled attribution") from -1 (blue: evidence
+    against the target) to +1 (red: evidence for it); the methods' raw units differ.
+    The input column is drawn in grey levels from black (0, the background of the digits
+    and the "black" baseline) to white (the image's largest value).
+    ``images`` is ``(N, ...)``, reshaped to ``image_shape`` (default: the last two
+    dimensions); ``attributions`` maps a method name to a tensor shaped like ``images``.
+    Method names longer than 12 characters wrap at a space. Returns the figure.
+    """
+    images = check_batch("images", images)
+    if not attributions:
+        raise ValueError("attributions must name at least one method")
+    for name, values in attributions.items():
+        if tuple(values.shape) != tuple(images.shape):
+            raise ValueError(f"attributions[{name!r}] must have the shape of images, "
+                             f"{tuple(images.shape)}, got {tuple(values.shape)}")
+    shape = tuple(image_shape or images.shape[-2:])
+    n_rows, n_cols = images.shape[0], 1 + len(attributions)
+    fig, axes = subplots(n_rows, n_cols, title=title, squeeze=False,
+                         figsize=(1.45 * n_cols + 1.0, 1.45 * n_rows + 0.7))
+    columns = [("input", images, "gray")] + [(k, v, DIVERGING_CMAP)
+                                                 for k, v in attributions.items()]
+    for col, (name, values, cmap) in enumerate(columns):
+        values = values.detach().to("cpu", torch.float64).numpy()
+        for row in range(n_rows):
+            ax, panel = axes[row, col], values[row].reshape(shape)
+            if col == 0:
+                ax.imshow(panel, cmap=cmap, vmin=0.0, vmax=max(panel.max(), 1e-12))
+                ax.set_ylabel(row_labels[row] if row_labels else f"example {row}")
+            else:
+                scale = max(np.abs(panel).max(), 1e-12)
+                image = ax.imshow(panel / scale, cmap=cmap, vmin=-1.0, vmax=1.0)
+            if row == 0:  # long names wrap at a space, so that neighbouring titles keep apart
+                ax.set_title(textwrap.fill(name, 12, break_long_words=False), fontsize=11)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.grid(False)
+    colorbar = fig.colorbar(image, ax=axes, shrink=min(0.8, 0.3 + 0.15 * n_rows), pad=0.02,
+                            aspect=12 + 4 * n_rows)
+    colorbar.set_label("scaled attribution", fontsize=10)
+    colorbar.set_ticks([-1.0, 0.0, 1.0])
+    return fig
+
+
+def _printable(character: str) -> str:
+    return {" ": "\u2423", "\n": "\u21b5", "\t": "\u2192"}.get(character, character)
+
+
+def show_text_attribution(text: str, scores, ax, *, title: str, line_width: int = 32,
+                          cbar_label: str = "attribution"):
+    """Characters of ``text`` on a grid, each cell coloured by its score (red +, blue -).
+
+    ``scores`` has one number per character; the colour scale is symmetric about zero
+    (white). The text wraps every ``line_width`` characters; spaces show as ``\u2423``
+    and newlines as ``\u21b5``. Returns ``ax``.
+    """
+    values = np.asarray(scores.detach().cpu() if hasattr(scores, "detach") else scores,
+                        dtype=np.float64)
+    if values.ndim != 1 or len(values) != len(text):
+        raise ValueError(f"scores must hold one number per character ({len(text)}), got "
+                         f"shape {values.shape}")
+    n_lines = -(-len(text) // line_width)
+    grid = np.full(n_lines * line_width, np.nan)
+    grid[:len(text)] = values
+    limit = max(float(np.abs(values).max()), 1e-12)
+    image = ax.imshow(np.ma.masked_invalid(grid.reshape(n_lines, line_width)),
+                      cmap=DIVERGING_CMAP, vmin=-limit, vmax=limit, aspect="auto")
+    for position, (character, value) in enumerate(zip(text, values)):
+        ax.text(position % line_width, position // line_width, _printable(character),
+                ha="center", va="center", fontsize=10, family="monospace",
+                color="white" if abs(value) > 0.6 * limit else "black")  # legible on dark
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    ax.figure.colorbar(image, ax=ax, pad=0.01).set_label(cbar_label)
+    return label(ax, title, "character (read left to right, top to bottom)", "line")

@@ -10,7 +10,9 @@ implementations agree to the last bits. Captum's ``riemann_trapezoid`` weights s
 times ``(n - 1) / n``.
 """
 
+import ast
 import copy
+from pathlib import Path
 
 import matplotlib
 
@@ -41,8 +43,6 @@ from companion.interpret import (  # noqa: E402
     randomizable_layers,
     rank_correlation,
     shapley_values,
-    show_image_attributions,
-    show_text_attribution,
 )
 
 F64 = torch.float64
@@ -554,33 +554,6 @@ def test_attention_rollout_bad_input(maps, kw, error, match):
         attention_rollout(maps, **kw)
 
 
-# --------------------------------------------------------------------------- figures
-
-
-def test_show_image_attributions_draws_a_labelled_grid():
-    images = torch.rand(2, 1, 8, 8)
-    fig = show_image_attributions(images, {"IG": torch.randn(2, 1, 8, 8),
-                                           "saliency": torch.rand(2, 1, 8, 8)},
-                                  title="Two methods", row_labels=["a 3", "a 5"])
-    panels = [ax for ax in fig.axes if ax.images]
-    assert len(panels) == 6
-    assert [ax.get_title() for ax in panels[:3]] == ["input", "IG", "saliency"]
-    assert panels[0].get_ylabel() == "a 3" and fig._suptitle.get_text() == "Two methods"
-    with pytest.raises(ValueError, match=r"attributions\['IG'\] must have the shape"):
-        show_image_attributions(images, {"IG": torch.zeros(2, 64)}, title="t")
-
-
-def test_show_text_attribution_one_cell_per_character():
-    fig, ax = plt.subplots()
-    show_text_attribution("def f(x):\n    return x", torch.linspace(-1, 1, 22), ax,
-                          title="IG", line_width=10)
-    assert ax.get_title() == "IG" and ax.get_xlabel() and ax.get_ylabel()
-    texts = [t.get_text() for t in ax.texts]
-    assert texts[:4] == ["d", "e", "f", "\u2423"] and "\u21b5" in texts and len(texts) == 22
-    with pytest.raises(ValueError, match="one number per character"):
-        show_text_attribution("abc", [1.0, 2.0], ax, title="t")
-
-
 # --------------------------------------------------------------------------- input conventions
 
 
@@ -642,14 +615,34 @@ def test_numpy_and_python_types_are_rejected_consistently(call, error, match):
         call()
 
 
-def test_image_panels_draw_zero_as_black_and_wrap_long_titles():
-    # The book calls the all-zero image "black": the input column must draw 0 black.
-    images = torch.rand(1, 1, 8, 8)
-    fig = show_image_attributions(images, {"KernelSHAP 200": torch.randn(1, 1, 8, 8),
-                                           "IG": torch.randn(1, 1, 8, 8)}, title="t")
-    panels = [ax for ax in fig.axes if ax.images]
-    drawn = panels[0].images[0]
-    np.testing.assert_allclose(drawn.to_rgba(0.0)[:3], (0.0, 0.0, 0.0))
-    np.testing.assert_allclose(drawn.to_rgba(float(images.max()))[:3], (1.0, 1.0, 1.0))
-    # long method names break at a space, so that neighbouring column titles keep apart
-    assert [ax.get_title() for ax in panels] == ["input", "KernelSHAP\n200", "IG"]
+# --------------------------------------------------------------------------- layout
+
+
+def test_the_algorithm_module_imports_no_figures_and_no_private_names():
+    """Figures live in companion.plotting, checks in companion._validate (public names)."""
+    import companion.interpret
+
+    tree = ast.parse(Path(companion.interpret.__file__).read_text())
+    imported = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for alias in node.names]
+    assert not [name for name in imported
+                if name.split(".")[0] in ("matplotlib", "seaborn") or name.endswith("plotting")]
+    private = [alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+               for alias in node.names if alias.name.startswith("_")]
+    assert not private, private
+
+
+def test_the_algorithms_are_short():
+    """Each function the chapter shows: at most 40 lines of code, docstring aside."""
+    import companion.interpret
+
+    long = []
+    for node in ast.walk(ast.parse(Path(companion.interpret.__file__).read_text())):
+        if isinstance(node, ast.FunctionDef):
+            lines = node.end_lineno - node.lineno + 1
+            if isinstance(node.body[0], ast.Expr):  # the docstring
+                lines -= node.body[0].end_lineno - node.body[0].lineno + 1
+            if lines > 40:
+                long.append(f"{node.name}: {lines} lines")
+    assert not long, long

@@ -17,9 +17,12 @@ target probabilities for :func:`~companion.metrics.perplexity`, resampling by ha
 
 from __future__ import annotations
 
+import ast
+import importlib
 import math
 import warnings
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -751,3 +754,49 @@ def test_bootstrap_refuses_undefined_resamples():
         with pytest.raises(ValueError, match="undefined"):
             m.bootstrap_ci(m.roc_auc_score, y, s, n_resamples=50,
                            generator=torch.Generator().manual_seed(0))
+
+
+# --------------------------------------------------------------------------- layout
+
+
+TOPICS = ("classification", "ranking", "calibration", "resampling")
+
+
+def test_every_public_name_lives_in_one_topic_module_and_is_exported_here():
+    owners = {}
+    for topic in TOPICS:
+        module = importlib.import_module(f"companion.metrics.{topic}")
+        for name in module.__all__:
+            owners.setdefault(name, []).append(topic)
+            assert getattr(m, name) is getattr(module, name), name
+    assert sorted(owners) == sorted(m.__all__)
+    assert all(len(topics) == 1 for topics in owners.values()), owners
+    # the public home (API page, pickling, doctest) is companion.metrics
+    assert {getattr(m, name).__module__ for name in m.__all__} == {"companion.metrics"}
+    assert m.UndefinedMetricWarning is UndefinedMetricWarning
+
+
+@pytest.mark.parametrize("path", sorted(Path(m.__file__).parent.glob("*.py")),
+                         ids=lambda p: p.name)
+def test_no_module_imports_a_private_name(path):
+    """Shared helpers live in private modules under public names (``_common``,
+    ``_sklearn``, ``companion._validate``); no module reaches into another's ``_name``."""
+    private = [f"{node.module}.{alias.name}" for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.ImportFrom)
+               for alias in node.names if alias.name.startswith("_")]
+    assert not private, private
+
+
+def test_formulas_are_short():
+    """The functions chapter 5 shows stay short: at most 40 lines of code, docstring aside."""
+    long = []
+    for topic in TOPICS:
+        path = Path(m.__file__).parent / f"{topic}.py"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef):
+                doc = node.body[0] if isinstance(node.body[0], ast.Expr) else None
+                lines = node.end_lineno - node.lineno + 1
+                lines -= 0 if doc is None else doc.end_lineno - doc.lineno + 1
+                if lines > 40:
+                    long.append(f"{topic}.{node.name}: {lines} lines")
+    assert not long, long

@@ -5,10 +5,12 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from companion import plotting  # noqa: E402
+from companion.plotting import show_image_attributions, show_text_attribution  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -80,3 +82,43 @@ def test_notebook_figures_have_a_fixed_size_in_pixels():
         sizes.add(pixels.shape[:2])
     dpi = plt.rcParams["figure.dpi"]
     assert sizes == {(round(plotting.FIGSIZE[1] * dpi), round(plotting.FIGSIZE[0] * dpi))}
+
+
+# ------------------------------------------------------------------- attributions (chapter 6)
+
+
+def test_show_image_attributions_draws_a_labelled_grid():
+    images = torch.rand(2, 1, 8, 8)
+    fig = show_image_attributions(images, {"IG": torch.randn(2, 1, 8, 8),
+                                           "saliency": torch.rand(2, 1, 8, 8)},
+                                  title="Two methods", row_labels=["a 3", "a 5"])
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 6
+    assert [ax.get_title() for ax in panels[:3]] == ["input", "IG", "saliency"]
+    assert panels[0].get_ylabel() == "a 3" and fig._suptitle.get_text() == "Two methods"
+    with pytest.raises(ValueError, match=r"attributions\['IG'\] must have the shape"):
+        show_image_attributions(images, {"IG": torch.zeros(2, 64)}, title="t")
+
+
+def test_show_text_attribution_one_cell_per_character():
+    fig, ax = plt.subplots()
+    show_text_attribution("def f(x):\n    return x", torch.linspace(-1, 1, 22), ax,
+                          title="IG", line_width=10)
+    assert ax.get_title() == "IG" and ax.get_xlabel() and ax.get_ylabel()
+    texts = [t.get_text() for t in ax.texts]
+    assert texts[:4] == ["d", "e", "f", "\u2423"] and "\u21b5" in texts and len(texts) == 22
+    with pytest.raises(ValueError, match="one number per character"):
+        show_text_attribution("abc", [1.0, 2.0], ax, title="t")
+
+
+def test_image_panels_draw_zero_as_black_and_wrap_long_titles():
+    # The book calls the all-zero image "black": the input column must draw 0 black.
+    images = torch.rand(1, 1, 8, 8)
+    fig = show_image_attributions(images, {"KernelSHAP 200": torch.randn(1, 1, 8, 8),
+                                           "IG": torch.randn(1, 1, 8, 8)}, title="t")
+    panels = [ax for ax in fig.axes if ax.images]
+    drawn = panels[0].images[0]
+    np.testing.assert_allclose(drawn.to_rgba(0.0)[:3], (0.0, 0.0, 0.0))
+    np.testing.assert_allclose(drawn.to_rgba(float(images.max()))[:3], (1.0, 1.0, 1.0))
+    # long method names break at a space, so that neighbouring column titles keep apart
+    assert [ax.get_title() for ax in panels] == ["input", "KernelSHAP\n200", "IG"]
