@@ -9,6 +9,7 @@ Topic modules import from here, never from each other's private helpers.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -28,8 +29,11 @@ def check_type(name: str, value, expected: type | tuple[type, ...]) -> None:
 
 
 def check_int(name: str, value, low: int | None = None, high: int | None = None) -> int:
-    """An ``int`` (not a ``bool``) with ``low <= value <= high`` where the bounds are given."""
-    check_type(name, value, int)
+    """A Python or NumPy integer (not a ``bool``) with ``low <= value <= high`` where the
+    bounds are given, returned as an ``int``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
     if low is not None and value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
     if high is not None and value > high:
@@ -37,11 +41,19 @@ def check_int(name: str, value, low: int | None = None, high: int | None = None)
     return value
 
 
+def check_number(name: str, value) -> float:
+    """A Python or NumPy real number (not a ``bool``) as a ``float``. NaN and inf pass:
+    a caller that bounds the value writes ``if not lo <= check_number(...) < hi``, which
+    is false for NaN."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
 def check_float(name: str, value, low: float | None = None, high: float | None = None, *,
                 low_open: bool = False, high_open: bool = False) -> float:
-    """A finite real number (int or float, not bool) within the given (closed or open) bounds."""
-    check_type(name, value, (int, float))
-    value = float(value)
+    """A finite real number (not a bool) within the given (closed or open) bounds."""
+    value = check_number(name, value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     if low is not None and (value <= low if low_open else value < low):
@@ -257,3 +269,30 @@ def check_target(target, n_examples: int, n_outputs: int | None, device) -> torc
         raise ValueError(f"target must be in [0, {n_outputs}) (the outputs of forward_func), "
                          f"got {index.tolist()}")
     return index.long().expand(n_examples)
+
+
+def check_layer_input(x, name: str, features: int | None = None,
+                      like: torch.Tensor | None = None) -> None:
+    """A floating-point tensor, of shape ``(batch, features)`` if ``features`` is given,
+    with the dtype and device of ``like`` (a layer's parameters) if given."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if features is not None and (x.ndim != 2 or x.shape[1] != features):
+        raise ValueError(f"{name} must have shape (batch, {features}), got {tuple(x.shape)}")
+    if like is not None and (x.dtype != like.dtype or x.device != like.device):
+        raise TypeError(f"{name} is {x.dtype} on {x.device}, expected {like.dtype} on "
+                        f"{like.device} (the parameters' or the prediction's); use .to()")
+
+
+def check_xy(X, y, name_x: str = "X", name_y: str = "y") -> None:
+    """Features and class indices of a classification set: tensors, one row each, ``y``
+    of dtype ``torch.long``."""
+    if not isinstance(X, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name_x} and {name_y} must be tensors, got "
+                        f"{type(X).__name__} and {type(y).__name__}")
+    if X.shape[0] != y.shape[0]:
+        raise ValueError(f"{name_x} has {X.shape[0]} rows but {name_y} has {y.shape[0]}")
+    if y.dtype != torch.long:
+        raise TypeError(f"{name_y} must hold class indices of dtype torch.long, got {y.dtype}")

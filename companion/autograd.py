@@ -12,7 +12,8 @@ with matplotlib alone (no Graphviz).
 from __future__ import annotations
 
 import math
-from numbers import Real
+
+from companion._validate import check_number
 
 
 class Value:
@@ -24,9 +25,7 @@ class Value:
 
     def __init__(self, data: float, _children: tuple[Value, ...] = (), _op: str = "",
                  label: str = ""):
-        if isinstance(data, bool) or not isinstance(data, Real):
-            raise TypeError(f"data must be a real number, got {type(data).__name__}")
-        self.data = float(data)
+        self.data = check_number("data", data)
         self.grad = 0.0                      # dL/d(this value), filled in by backward()
         self._backward = lambda: None        # adds this node's grad into its children's
         self._prev = _children
@@ -54,8 +53,7 @@ class Value:
         return out
 
     def __pow__(self, exponent: float) -> Value:
-        if isinstance(exponent, bool) or not isinstance(exponent, Real):
-            raise TypeError(f"the exponent must be a number, got {type(exponent).__name__}")
+        check_number("exponent", exponent)
         if self.data < 0 and not float(exponent).is_integer():
             raise ValueError(f"a negative base ({self.data}) needs an integer exponent, "
                              f"got {exponent}")

@@ -22,14 +22,14 @@ and with central finite differences.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from companion.train import History, _check_xy, evaluate
+from companion._validate import check_int, check_layer_input, check_number, check_xy
+from companion.train import History, evaluate
 
 # --------------------------------------------------------------------------- helpers
 
@@ -42,34 +42,6 @@ def _parameter(tensor: torch.Tensor) -> nn.Parameter:
 def _accumulate(param: nn.Parameter, grad: torch.Tensor) -> None:
     """``param.grad += grad``, as autograd does, starting from ``None``."""
     param.grad = grad if param.grad is None else param.grad + grad
-
-
-def _check_input(x, name: str, features: int | None, like: torch.Tensor | None) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if features is not None and (x.ndim != 2 or x.shape[1] != features):
-        raise ValueError(f"{name} must have shape (batch, {features}), got {tuple(x.shape)}")
-    if like is not None and (x.dtype != like.dtype or x.device != like.device):
-        raise TypeError(f"{name} is {x.dtype} on {x.device}, expected {like.dtype} on "
-                        f"{like.device} (the parameters' or the prediction's); use .to()")
-
-
-def _real(name: str, value) -> float:
-    """``value`` as a float: ``TypeError`` unless it is a real number (bool is not)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    return float(value)
-
-
-def _int_at_least(name: str, value, low: int) -> int:
-    """``value`` as an int: ``TypeError`` for another type, ``ValueError`` if below ``low``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
 
 
 class Layer(nn.Module):
@@ -171,8 +143,8 @@ class Linear(Layer):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  device=None, dtype=None):
         super().__init__()
-        in_features = _int_at_least("in_features", in_features, 1)
-        out_features = _int_at_least("out_features", out_features, 1)
+        in_features = check_int("in_features", in_features, low=1)
+        out_features = check_int("out_features", out_features, low=1)
         self.in_features, self.out_features = in_features, out_features
         bound = 1.0 / math.sqrt(in_features)
         weight = torch.empty(out_features, in_features, device=device, dtype=dtype)
@@ -181,7 +153,7 @@ class Linear(Layer):
                                 .uniform_(-bound, bound)) if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, "x", self.in_features, self.weight)
+        check_layer_input(x, "x", self.in_features, self.weight)
         self.input = x                                            # X  (B, in)
         if self.bias is None:
             return x @ self.weight.T
@@ -210,7 +182,7 @@ class ReLU(Layer):
     r""":math:`y = \max(x, 0)`, element-wise; :math:`y' = 1[x > 0]` (0 at 0, as PyTorch)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, "x", None, None)
+        check_layer_input(x, "x", None, None)
         self.positive = x > 0
         return x.clamp_min(0)
 
@@ -227,7 +199,7 @@ class Tanh(Layer):
     r""":math:`y = \tanh x`, element-wise; :math:`y' = 1 - y^2`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, "x", None, None)
+        check_layer_input(x, "x", None, None)
         self.output = torch.tanh(x)
         return self.output
 
@@ -244,7 +216,7 @@ class Sigmoid(Layer):
     r""":math:`y = \sigma(x) = 1 / (1 + e^{-x})`, element-wise; :math:`y' = y (1 - y) \le 1/4`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, "x", None, None)
+        check_layer_input(x, "x", None, None)
         self.output = torch.sigmoid(x)
         return self.output
 
@@ -273,12 +245,12 @@ class Dropout(Layer):
 
     def __init__(self, p: float = 0.5):
         super().__init__()
-        if not 0.0 <= _real("p", p) < 1.0:  # also rejects NaN
+        if not 0.0 <= check_number("p", p) < 1.0:  # also rejects NaN
             raise ValueError(f"p must be a probability in [0, 1), got {p!r}")
         self.p = float(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, "x", None, None)
+        check_layer_input(x, "x", None, None)
         if not self.training or self.p == 0.0:
             self.scale = torch.ones((), dtype=x.dtype, device=x.device).expand_as(x)
             return x
@@ -311,10 +283,10 @@ class BatchNorm1d(Layer):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, *,
                  device=None, dtype=None):
         super().__init__()
-        num_features = _int_at_least("num_features", num_features, 1)
-        if not _real("eps", eps) > 0:
+        num_features = check_int("num_features", num_features, low=1)
+        if not check_number("eps", eps) > 0:
             raise ValueError(f"eps must be > 0, got {eps!r}")
-        if not 0.0 <= _real("momentum", momentum) <= 1.0:
+        if not 0.0 <= check_number("momentum", momentum) <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         kw = dict(device=device, dtype=dtype)
@@ -324,7 +296,7 @@ class BatchNorm1d(Layer):
         self.register_buffer("running_var", torch.ones(num_features, **kw))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, "x", self.num_features, self.weight)
+        check_layer_input(x, "x", self.num_features, self.weight)
         if self.training:
             if x.shape[0] < 2:
                 raise ValueError("BatchNorm1d needs a batch of at least 2 rows in training "
@@ -388,8 +360,8 @@ class MSELoss(nn.Module):
         self.reduction = reduction
 
     def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        _check_input(prediction, "prediction", None, None)
-        _check_input(target, "target", None, prediction)
+        check_layer_input(prediction, "prediction", None, None)
+        check_layer_input(target, "target", None, prediction)
         if prediction.shape != target.shape:
             raise ValueError(f"prediction {tuple(prediction.shape)} and target "
                              f"{tuple(target.shape)} must have the same shape")
@@ -424,7 +396,7 @@ class SoftmaxCrossEntropy(nn.Module):
         self.reduction = reduction
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        _check_input(logits, "logits", None, None)
+        check_layer_input(logits, "logits", None, None)
         if logits.ndim != 2:
             raise ValueError(f"logits must have shape (batch, classes), got {tuple(logits.shape)}")
         target_probs = _target_distribution(target, logits)                # y  (B, C)
@@ -578,13 +550,13 @@ def train_sgd(model: Sequential, X: torch.Tensor, y: torch.Tensor, *, epochs: in
     :meth:`Sequential.sgd_step`. The same generator seed therefore gives the same batches
     as ``train_classifier`` with ``torch.optim.SGD``.
     """
-    _check_xy(X, y)
+    check_xy(X, y)
     if X_val is not None or y_val is not None:
         if X_val is None or y_val is None:
             raise ValueError("give both X_val and y_val, or neither")
-        _check_xy(X_val, y_val, "X_val", "y_val")
-    _int_at_least("epochs", epochs, 1)
-    _int_at_least("batch_size", batch_size, 1)
+        check_xy(X_val, y_val, "X_val", "y_val")
+    check_int("epochs", epochs, low=1)
+    check_int("batch_size", batch_size, low=1)
     loss_fn = SoftmaxCrossEntropy()
     history = History()
     for _ in range(epochs):

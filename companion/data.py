@@ -30,6 +30,8 @@ import torch
 from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.model_selection import train_test_split
 
+from companion._validate import check_int
+
 # --------------------------------------------------------------------------- tabular data
 
 
@@ -276,9 +278,8 @@ class SortingTask:
     """
 
     def __init__(self, length: int = 8, num_values: int = 10):
-        for name, value in (("length", length), ("num_values", num_values)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int("length", length, low=1)
+        check_int("num_values", num_values, low=1)
         self.length, self.num_values = length, num_values
 
     @property

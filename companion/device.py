@@ -19,6 +19,8 @@ import random
 import numpy as np
 import torch
 
+from companion._validate import check_int
+
 ENV_VAR = "COMPANION_DEVICE"
 _KNOWN_TYPES = ("cpu", "cuda", "mps")
 
@@ -97,11 +99,7 @@ def seed_everything(seed: int, deterministic: bool = True) -> int:
 
     Returns the seed, so that it can be recorded.
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if not 0 <= int(seed) < 2**32:
-        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
-    seed = int(seed)
+    seed = check_int("seed", seed, low=0, high=2**32 - 1)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device

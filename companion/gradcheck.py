@@ -13,7 +13,6 @@ Book: Chapter 2, "Gradient checking". Three independent referees for a layer of
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +21,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from companion.backprop import Layer, _check_input, _real
+from companion._validate import check_layer_input, check_number, is_real
+from companion.backprop import Layer
 from companion.claims import max_abs_diff
 
 
@@ -59,8 +59,8 @@ def numerical_gradient(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
     chapter 2, growing with the size of ``f``. Returns a contiguous tensor shaped like
     ``x``.
     """
-    _check_input(x, "x", None, None)
-    if not _real("eps", eps) > 0:  # also rejects NaN
+    check_layer_input(x, "x", None, None)
+    if not check_number("eps", eps) > 0:  # also rejects NaN
         raise ValueError(f"eps must be > 0, got {eps!r}")
     x = x.detach().clone(memory_format=torch.contiguous_format)
     flat = x.view(-1)
@@ -84,7 +84,7 @@ def _scalar(value) -> torch.Tensor | float:
             raise ValueError(f"f must return a scalar, got a tensor of shape "
                              f"{tuple(value.shape)}")
         return value.reshape(())
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise TypeError(f"f must return a scalar tensor or a real number, got "
                         f"{type(value).__name__}")
     return value
@@ -126,7 +126,7 @@ def check_gradients(layer: Layer, x: torch.Tensor, upstream: torch.Tensor | None
     gradient of zero, as in autograd: right if the loss does not depend on it, and
     reported as a deviation otherwise.
     """
-    _check_input(x, "x", None, None)
+    check_layer_input(x, "x", None, None)
     names = [name for name, _ in layer.named_parameters()]
     params = [p.detach() for _, p in layer.named_parameters()]
     with _fixed_random_state(seed, x.device), _buffers_preserved(layer):

@@ -40,8 +40,7 @@ from torch.func import functional_call, grad, vmap
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from companion._validate import check_tensor
-from companion.backprop import _int_at_least, _real
+from companion._validate import check_int, check_number, check_tensor
 
 # =========================================================================== test problems
 
@@ -85,7 +84,7 @@ def trajectory(objective: Callable[[torch.Tensor], torch.Tensor], start: Sequenc
     torch.Tensor
         ``(steps + 1, len(start))``: the starting point and the point after each step.
     """
-    _int_at_least("steps", steps, 0)
+    check_int("steps", steps, low=0)
     point = torch.tensor(start, dtype=torch.float64, requires_grad=True)
     optimizer = optimizer_cls([point], **hyperparameters)
     path = [point.detach().clone()]
@@ -154,7 +153,7 @@ def _check_batch_size(per_example_grads: torch.Tensor, batch_size: int) -> int:
         raise ValueError(f"per_example_grads must be 2-D (N, P), got shape "
                          f"{tuple(per_example_grads.shape)}")
     n = len(per_example_grads)
-    _int_at_least("batch_size", batch_size, 1)
+    check_int("batch_size", batch_size, low=1)
     if not batch_size <= n:
         raise ValueError(f"batch_size must be an int in [1, {n}], got {batch_size!r}")
     return n
@@ -190,7 +189,7 @@ def sampled_minibatch_gradient_variance(per_example_grads: torch.Tensor, batch_s
     full-batch gradient. Compare with :func:`minibatch_gradient_variance`.
     """
     n = _check_batch_size(per_example_grads, batch_size)
-    _int_at_least("draws", draws, 1)
+    check_int("draws", draws, low=1)
     g = per_example_grads
     order = torch.rand(draws, n, generator=generator).argsort(dim=1).to(g.device)  # (draws, N)
     weights = torch.zeros(draws, n, dtype=g.dtype, device=g.device)
@@ -203,7 +202,7 @@ def sampled_minibatch_gradient_variance(per_example_grads: torch.Tensor, batch_s
 
 
 def _at_least_zero(name: str, value) -> None:
-    if not _real(name, value) >= 0.0:  # also rejects NaN
+    if not check_number(name, value) >= 0.0:  # also rejects NaN
         raise ValueError(f"{name} must be >= 0, got {value!r}")
 
 
@@ -231,7 +230,7 @@ def _check_sgd_group(group: dict) -> None:
     _check_lr(group["lr"])
     for name in ("momentum", "weight_decay"):
         _at_least_zero(name, group[name])
-    _real("dampening", group["dampening"])
+    check_number("dampening", group["dampening"])
     if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
         raise ValueError("nesterov=True needs momentum > 0 and dampening = 0, got "
                          f"momentum={group['momentum']!r}, dampening={group['dampening']!r}")
@@ -245,7 +244,7 @@ def _check_adam_group(group: dict) -> None:
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     for i, beta in enumerate(betas):
-        if not 0.0 <= _real(f"betas[{i}]", beta) < 1.0:
+        if not 0.0 <= check_number(f"betas[{i}]", beta) < 1.0:
             raise ValueError(f"betas[{i}] must be in [0, 1), got {beta!r}")
 
 
@@ -622,11 +621,11 @@ class WarmupCosine:
 
     def __post_init__(self):
         for name in ("warmup_steps", "total_steps"):
-            _int_at_least(name, getattr(self, name), 0)
+            check_int(name, getattr(self, name), low=0)
         if self.total_steps <= self.warmup_steps:
             raise ValueError(f"total_steps must be > warmup_steps={self.warmup_steps}, "
                              f"got {self.total_steps}")
-        if not 0.0 <= _real("min_lr_ratio", self.min_lr_ratio) <= 1.0:
+        if not 0.0 <= check_number("min_lr_ratio", self.min_lr_ratio) <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
 
     def __call__(self, step: int) -> float:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from companion._validate import check_int, check_xy
+
 
 @dataclass
 class History:
@@ -33,23 +35,6 @@ class History:
     epoch_val_accuracy: list[float] = field(default_factory=list)
 
 
-def _check_xy(X, y, name_x="X", name_y="y"):
-    if not isinstance(X, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise TypeError(f"{name_x} and {name_y} must be tensors, got "
-                        f"{type(X).__name__} and {type(y).__name__}")
-    if X.shape[0] != y.shape[0]:
-        raise ValueError(f"{name_x} has {X.shape[0]} rows but {name_y} has {y.shape[0]}")
-    if y.dtype != torch.long:
-        raise TypeError(f"{name_y} must hold class indices of dtype torch.long, got {y.dtype}")
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-
-
 def _device_of(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
@@ -62,7 +47,7 @@ def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss_fn=F.cross
 
     The model's train/eval mode is restored afterwards.
     """
-    _check_xy(X, y)
+    check_xy(X, y)
     was_training = model.training
     model.eval()
     device = _device_of(model)
@@ -93,13 +78,13 @@ def train_classifier(model: nn.Module, optimizer: torch.optim.Optimizer, X: torc
     if given, steps once per optimizer step. ``loss_fn(logits, targets,
     reduction=...)`` defaults to cross-entropy on logits.
     """
-    _check_xy(X, y)
+    check_xy(X, y)
     if (X_val is None) != (y_val is None):
         raise ValueError("give both X_val and y_val, or neither")
     if X_val is not None:
-        _check_xy(X_val, y_val, "X_val", "y_val")
-    _check_positive_int("epochs", epochs)
-    _check_positive_int("batch_size", batch_size)
+        check_xy(X_val, y_val, "X_val", "y_val")
+    check_int("epochs", epochs, low=1)
+    check_int("batch_size", batch_size, low=1)
 
     device = _device_of(model)
     X, y = X.to(device), y.to(device)
@@ -239,8 +224,8 @@ def train_language_model(model: nn.Module, optimizer: torch.optim.Optimizer, get
     underflow. ``log(history)``, if given, is called after each evaluation (e.g. to
     print progress).
     """
-    _check_positive_int("steps", steps)
-    _check_positive_int("eval_every", eval_every)
+    check_int("steps", steps, low=1)
+    check_int("eval_every", eval_every, low=1)
     if set(eval_batches) != {"train", "val"}:
         raise ValueError(f"eval_batches must have keys 'train' and 'val', got {set(eval_batches)}")
     device = _device_of(model)

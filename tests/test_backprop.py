@@ -551,7 +551,7 @@ def test_check_gradients_treats_a_missing_gradient_as_zero():
     (lambda: bp.Linear(3.0, 2), TypeError, "in_features must be an int"),
     (lambda: bp.Linear(3, True), TypeError, "out_features must be an int"),
     (lambda: bp.BatchNorm1d(3.0), TypeError, "num_features must be an int"),
-    (lambda: bp.BatchNorm1d(0), ValueError, "num_features must be an int >= 1"),
+    (lambda: bp.BatchNorm1d(0), ValueError, "num_features must be >= 1"),
     (lambda: bp.BatchNorm1d(3, eps="1e-5"), TypeError, "eps must be a real number"),
     (lambda: bp.BatchNorm1d(3, eps=0.0), ValueError, "eps must be > 0"),
     (lambda: bp.BatchNorm1d(3, momentum=None), TypeError, "momentum must be a real"),

@@ -26,6 +26,7 @@ from companion._validate import (
     check_sample_weight,
     check_unit_interval,
     device_of,
+    is_real,
 )
 
 from ._common import unique
@@ -42,7 +43,7 @@ def zero_division_value(zero_division) -> float:
     """The value of an undefined ratio: 0.0 for ``"warn"``, else 0.0, 1.0 or NaN as given."""
     if isinstance(zero_division, str) and zero_division == "warn":
         return 0.0
-    if isinstance(zero_division, (int, float)) and not isinstance(zero_division, bool):
+    if is_real(zero_division):
         if zero_division in (0, 1):
             return float(zero_division)
         if math.isnan(zero_division):

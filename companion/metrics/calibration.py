@@ -20,6 +20,7 @@ from companion._validate import (
     check_same_length,
     check_unit_interval,
     device_of,
+    is_integer,
 )
 
 from ._common import bincount, unique, weighted_mean
@@ -72,7 +73,7 @@ def brier_score_loss(y_true, y_proba, *, sample_weight=None, pos_label=None, lab
 
 def _bin_edges(confidence: torch.Tensor, n_bins: int, strategy: str) -> torch.Tensor:
     """``n_bins + 1`` edges on [0, 1]: equal widths, or equal counts (quantiles)."""
-    if not isinstance(n_bins, int) or isinstance(n_bins, bool) or n_bins < 1:
+    if not is_integer(n_bins) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
     levels = torch.arange(n_bins + 1, dtype=confidence.dtype, device=confidence.device)
     levels = levels * (1.0 / n_bins)  # the same floats as np.linspace(0, 1, n_bins + 1)
