@@ -323,6 +323,25 @@ def _bench_generation(device, quick):
                 work_unit="tokens")
 
 
+
+@benchmark("tokenizer: byte-level BPE encode, GPT-2 vocabulary", "4")
+def _bpe_encode(device, quick):
+    """Our Python BPE encoder (from an empty piece cache) vs tiktoken's Rust one, same
+    ranks and pattern, on the frozen corpus. The device is irrelevant: both run on the CPU."""
+    import tiktoken
+
+    from companion.data import load_pydoc_text
+    from companion.tokenizer import ENDOFTEXT, GPT2_PATTERN, BPETokenizer, load_gpt2_ranks
+
+    text = load_pydoc_text()[: 20_000 if quick else 200_000]
+    ranks = load_gpt2_ranks()
+    oracle = tiktoken.Encoding("r50k_offline", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                               special_tokens={ENDOFTEXT: 50256})
+    return Case(lambda: BPETokenizer(ranks).encode(text), lambda: oracle.encode(text),
+                "tiktoken", f"{len(text):,} characters", work=len(text.encode()),
+                work_unit="bytes")
+
+
 # --- Chapter 5: evaluation metrics ------------------------------------------------------
 
 
