@@ -30,8 +30,8 @@ from scipy import special
 from torch import nn
 
 from companion._validate import check_float, check_int, check_tensor, check_type
+from companion.gradnoise import per_example_gradients
 from companion.metrics import BootstrapResult, bootstrap_ci, roc_auc_score
-from companion.optim import per_example_gradients
 
 __all__ = [
     "DEFAULT_ORDERS",
@@ -107,7 +107,7 @@ def per_sample_gradients(model: nn.Module, loss_fn: Callable, x: torch.Tensor,
     r"""Gradient of each example's loss, :math:`g_i = \nabla_\theta \ell(f_\theta(x_i), y_i)`.
 
     ``{name: (B, *param.shape)}`` for every parameter that requires a gradient: chapter
-    3's :func:`companion.optim.per_example_gradients` (one ``vmap`` of ``torch.func.grad``)
+    3's :func:`companion.gradnoise.per_example_gradients` (one ``vmap`` of ``torch.func.grad``)
     in Opacus's argument order, unflattened. ``loss_fn(output, target)`` is called on a
     batch of one, so a mean-reduced loss is the example's own loss. Models whose forward
     pass mixes examples (batch norm or dropout in training mode) raise ``ValueError``.

@@ -16,16 +16,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
+from companion.gradnoise import (
+    minibatch_gradient_variance,
+    per_example_gradients,
+    sampled_minibatch_gradient_variance,
+)
 from companion.optim import (
     SGD,
     Adam,
     AdamW,
     WarmupCosine,
-    minibatch_gradient_variance,
-    per_example_gradients,
     quadratic,
     rosenbrock,
-    sampled_minibatch_gradient_variance,
     trajectory,
     warmup_cosine_schedule,
 )
