@@ -296,3 +296,42 @@ def check_xy(X, y, name_x: str = "X", name_y: str = "y") -> None:
         raise ValueError(f"{name_x} has {X.shape[0]} rows but {name_y} has {y.shape[0]}")
     if y.dtype != torch.long:
         raise TypeError(f"{name_y} must hold class indices of dtype torch.long, got {y.dtype}")
+
+
+def check_attention_inputs(query, key, value, attn_mask, dropout_p, is_causal) -> None:
+    """The arguments of scaled dot-product attention, with PyTorch's conventions: shapes
+    ``(..., L, d_k)``, ``(..., S, d_k)``, ``(..., S, d_v)``, one dtype, a mask that is
+    bool or of the query's dtype and broadcasts to ``(..., L, S)``."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        check_tensor(name, t)
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have shape (..., length, features), "
+                             f"got {tuple(t.shape)}")
+    if query.size(-1) != key.size(-1):
+        raise ValueError(f"query and key must have the same last dimension (d_k), "
+                         f"got {query.size(-1)} and {key.size(-1)}")
+    if key.size(-2) != value.size(-2):
+        raise ValueError(f"key and value must have the same length S (dim -2), "
+                         f"got {key.size(-2)} and {value.size(-2)}")
+    if not query.dtype == key.dtype == value.dtype:
+        raise TypeError(f"query, key and value must share a dtype, "
+                        f"got {query.dtype}, {key.dtype}, {value.dtype}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    if attn_mask is not None:
+        check_tensor("attn_mask", attn_mask)
+        if is_causal:
+            raise ValueError("give attn_mask or is_causal=True, not both "
+                             "(combine them yourself: attn_mask & causal_mask(L, S))")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            raise TypeError(f"attn_mask must be bool or {query.dtype} like query, "
+                            f"got {attn_mask.dtype}")
+        scores_shape = torch.Size([*torch.broadcast_shapes(query.shape[:-2], key.shape[:-2]),
+                                   query.size(-2), key.size(-2)])
+        try:
+            ok = torch.broadcast_shapes(attn_mask.shape, scores_shape) == scores_shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast "
+                             f"to the scores' shape (..., L, S) = {tuple(scores_shape)}")

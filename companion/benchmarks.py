@@ -252,11 +252,12 @@ def _bench_attention(device, quick):
 
 @benchmark("multi-head attention forward: ours vs nn.MultiheadAttention", "4")
 def _bench_mha(device, quick):
+    from companion.compat import load_attention_from_torch
     from companion.transformer import MultiHeadAttention, causal_mask
 
     B, T, E, H = (2, 64, 64, 4) if quick else (8, 256, 256, 8)
     theirs = torch.nn.MultiheadAttention(E, H, batch_first=True).to(device).eval()
-    ours = MultiHeadAttention(E, H).to(device).load_from_torch(theirs).eval()
+    ours = load_attention_from_torch(MultiHeadAttention(E, H).to(device), theirs).eval()
     x = torch.randn(B, T, E, generator=torch.Generator().manual_seed(0)).to(device)
     mask = ~causal_mask(T, T, device=device)
 

@@ -8,7 +8,7 @@ Read top to bottom:
    :func:`attention_weights` is the softmax part, for plotting.
 2. :class:`MultiHeadAttention` -- project, split into heads, attend, merge,
    project back; the conventions and weight layout of ``torch.nn.MultiheadAttention``
-   (:meth:`MultiHeadAttention.load_from_torch` copies one), plus a key/value cache
+   (:func:`companion.compat.load_attention_from_torch` copies one), plus a key/value cache
    (:class:`KVCache`) for generation.
 3. Positions: :func:`sinusoidal_positions` (fixed) and a learned ``nn.Embedding``.
 4. :class:`TransformerBlock` -- pre-LayerNorm :cite:p:`xiong2020layer`:
@@ -33,13 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from companion._validate import check_attention_inputs, check_float, check_int, check_tensor
+
 # --------------------------------------------------------------------------- attention
-
-
-def _check_tensor(name: str, value) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    return value
 
 
 def causal_mask(num_queries: int, num_keys: int, past: int = 0, device=None) -> torch.Tensor:
@@ -54,42 +50,6 @@ def causal_mask(num_queries: int, num_keys: int, past: int = 0, device=None) -> 
     return torch.ones(num_queries, num_keys, dtype=torch.bool, device=device).tril(diagonal=past)
 
 
-def _check_attention_inputs(query, key, value, attn_mask, dropout_p, is_causal):
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        _check_tensor(name, t)
-        if t.dim() < 2:
-            raise ValueError(f"{name} must have shape (..., length, features), "
-                             f"got {tuple(t.shape)}")
-    if query.size(-1) != key.size(-1):
-        raise ValueError(f"query and key must have the same last dimension (d_k), "
-                         f"got {query.size(-1)} and {key.size(-1)}")
-    if key.size(-2) != value.size(-2):
-        raise ValueError(f"key and value must have the same length S (dim -2), "
-                         f"got {key.size(-2)} and {value.size(-2)}")
-    if not query.dtype == key.dtype == value.dtype:
-        raise TypeError(f"query, key and value must share a dtype, "
-                        f"got {query.dtype}, {key.dtype}, {value.dtype}")
-    if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
-    if attn_mask is not None:
-        _check_tensor("attn_mask", attn_mask)
-        if is_causal:
-            raise ValueError("give attn_mask or is_causal=True, not both "
-                             "(combine them yourself: attn_mask & causal_mask(L, S))")
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-            raise TypeError(f"attn_mask must be bool or {query.dtype} like query, "
-                            f"got {attn_mask.dtype}")
-        scores_shape = torch.Size([*torch.broadcast_shapes(query.shape[:-2], key.shape[:-2]),
-                                   query.size(-2), key.size(-2)])
-        try:
-            ok = torch.broadcast_shapes(attn_mask.shape, scores_shape) == scores_shape
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast "
-                             f"to the scores' shape (..., L, S) = {tuple(scores_shape)}")
-
-
 def attention_weights(query: torch.Tensor, key: torch.Tensor, attn_mask=None,
                       is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
     """The attention weights ``softmax(Q K^T * scale + M)``, shape ``(..., L, S)``.
@@ -101,7 +61,11 @@ def attention_weights(query: torch.Tensor, key: torch.Tensor, attn_mask=None,
     that may attend to nothing gets all-zero weights (as PyTorch does), not NaN.
     Each row of the result sums to 1 (or is all zero). Book: section "The formula".
     """
-    _check_attention_inputs(query, key, key, attn_mask, 0.0, is_causal)
+    check_attention_inputs(query, key, key, attn_mask, 0.0, is_causal)
+    return _attention_weights(query, key, attn_mask, is_causal, scale)
+
+
+def _attention_weights(query, key, attn_mask, is_causal, scale) -> torch.Tensor:
     L, S = query.size(-2), key.size(-2)
     scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
     scores = (query @ key.transpose(-2, -1)) * scale  # (..., L, S)
@@ -131,8 +95,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
     ``return_weights=True`` it returns ``(output, weights)``, the weights after dropout.
     Book: section "The formula".
     """
-    _check_attention_inputs(query, key, value, attn_mask, dropout_p, is_causal)
-    weights = attention_weights(query, key, attn_mask, is_causal, scale)  # (..., L, S)
+    check_attention_inputs(query, key, value, attn_mask, dropout_p, is_causal)
+    weights = _attention_weights(query, key, attn_mask, is_causal, scale)  # (..., L, S)
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p)
     output = weights @ value  # (..., L, d_v)
@@ -197,9 +161,8 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  fast_attention: bool = True, device=None, dtype=None):
         super().__init__()
-        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int("embed_dim", embed_dim, low=1)
+        check_int("num_heads", num_heads, low=1)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads} "
                              "(each head gets embed_dim / num_heads dimensions)")
@@ -232,7 +195,7 @@ class MultiHeadAttention(nn.Module):
 
     def _check_inputs(self, query, key, value, key_padding_mask, attn_mask):
         for name, t in (("query", query), ("key", key), ("value", value)):
-            _check_tensor(name, t)
+            check_tensor(name, t)
             if t.dim() != 3 or t.size(-1) != self.embed_dim:
                 raise ValueError(f"{name} must have shape (batch, length, {self.embed_dim}), "
                                  f"got {tuple(t.shape)}")
@@ -241,7 +204,7 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"key and value must both be (B={B}, S, E), got "
                              f"{tuple(key.shape)} and {tuple(value.shape)}")
         for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
-            if mask is not None and not (_check_tensor(name, mask).dtype == torch.bool
+            if mask is not None and not (check_tensor(name, mask).dtype == torch.bool
                                          or mask.is_floating_point()):
                 raise TypeError(f"{name} must be bool or floating point, got {mask.dtype}")
         if key_padding_mask is not None:
@@ -317,32 +280,6 @@ class MultiHeadAttention(nn.Module):
             return y, None
         return y, weights.mean(dim=1) if average_attn_weights else weights
 
-    @torch.no_grad()
-    def load_from_torch(self, mha: nn.MultiheadAttention) -> MultiHeadAttention:
-        """Copy the weights of a ``torch.nn.MultiheadAttention``; returns ``self``.
-
-        Afterwards both give the same outputs and averaged weights for the same
-        inputs (call ``mha`` with ``batch_first=True`` tensors, as this module takes).
-        """
-        if not isinstance(mha, nn.MultiheadAttention):
-            raise TypeError(f"mha must be a torch.nn.MultiheadAttention, got {type(mha).__name__}")
-        if (mha.embed_dim, mha.num_heads) != (self.embed_dim, self.num_heads):
-            raise ValueError(f"mha has embed_dim={mha.embed_dim}, num_heads={mha.num_heads}; "
-                             f"this module has {self.embed_dim}, {self.num_heads}")
-        if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
-            raise ValueError("only the standard layout is supported: kdim = vdim = embed_dim, "
-                             "add_bias_kv=False, add_zero_attn=False")
-        if (mha.in_proj_bias is None) != (self.in_proj.bias is None):
-            raise ValueError("mha and this module must agree on bias=True/False")
-        self.in_proj.weight.copy_(mha.in_proj_weight)
-        self.out_proj.weight.copy_(mha.out_proj.weight)
-        if self.in_proj.bias is not None:
-            self.in_proj.bias.copy_(mha.in_proj_bias)
-            self.out_proj.bias.copy_(mha.out_proj.bias)
-        self.dropout = mha.dropout
-        return self
-
-
 # --------------------------------------------------------------------------- positions
 
 
@@ -415,37 +352,6 @@ class TransformerBlock(nn.Module):
         x = x + self.attn_dropout(attended)  # (B, T, C)
         return x + self.mlp(self.mlp_norm(x))
 
-    @torch.no_grad()
-    def load_from_torch(self, layer: nn.TransformerEncoderLayer) -> TransformerBlock:
-        """Copy a ``torch.nn.TransformerEncoderLayer(d, h, 4 * d, activation="gelu",
-        norm_first=True, batch_first=True)``; returns ``self``.
-
-        That layer computes the same pre-LN block, so afterwards both agree (give it
-        ``is_causal=True`` with the causal ``src_mask`` when this block is causal).
-        """
-        if not isinstance(layer, nn.TransformerEncoderLayer):
-            raise TypeError(f"layer must be a torch.nn.TransformerEncoderLayer, "
-                            f"got {type(layer).__name__}")
-        if not layer.norm_first or layer.activation_relu_or_gelu != 2:
-            raise ValueError("layer must be pre-LN with GELU: norm_first=True, activation='gelu'")
-        approximate = getattr(layer.activation, "approximate", "none")
-        if approximate != "none":
-            raise ValueError(f"layer must use the exact GELU (approximate='none') like this "
-                             f"block, got approximate={approximate!r}")
-        for norm in (layer.norm1, layer.norm2):
-            if norm.eps != self.attn_norm.eps:
-                raise ValueError(f"layer_norm_eps must be {self.attn_norm.eps}, got {norm.eps}")
-        if layer.linear1.out_features != 4 * self.attn.embed_dim:
-            raise ValueError(f"layer's dim_feedforward must be 4 * {self.attn.embed_dim}, "
-                             f"got {layer.linear1.out_features}")
-        self.attn.load_from_torch(layer.self_attn)
-        pairs = ((self.attn_norm, layer.norm1), (self.mlp_norm, layer.norm2),
-                 (self.mlp[0], layer.linear1), (self.mlp[2], layer.linear2))
-        for ours, theirs in pairs:
-            ours.load_state_dict(theirs.state_dict())
-        return self
-
-
 # --------------------------------------------------------------------------- the model
 
 
@@ -470,9 +376,7 @@ class GPTConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, getattr(self, name), low=1)
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
@@ -482,35 +386,61 @@ class GPTConfig:
                              f"got {self.position_encoding!r}")
 
 
-def _check_sampling(temperature, top_k) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not 0 <= temperature < math.inf:
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
-                              or top_k < 1):
-        raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
+#: Temperatures below this floor sample greedily (the arg-max), as ``temperature=0``
+#: does: dividing by a smaller number could overflow float32 (``logits / 1e-38`` is
+#: infinite, and the softmax of infinities is NaN), and at this temperature any two
+#: logits 0.001 apart already differ by a factor of ``exp(100)`` in probability.
+#: vLLM uses the same floor (its ``_SAMPLING_EPS``).
+MIN_TEMPERATURE = 1e-5
+
+
+def _check_sampling(temperature, top_k, top_p=None) -> None:
+    check_float("temperature", temperature, low=0.0)
+    if top_k is not None:
+        check_int("top_k", top_k, low=1)
+    if top_p is not None:
+        check_float("top_p", top_p, low=0.0, high=1.0, low_open=True)
+
+
+def _keep_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Mask all but the smallest set of most likely ids whose probability reaches ``top_p``
+    (nucleus sampling); the most likely id always stays."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs  # mass of the more likely ids
+    drop = (before >= top_p).scatter(-1, order, before >= top_p)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                      generator: torch.Generator | None = None,
+                      top_p: float | None = None) -> torch.Tensor:
     """Draw one token id per row from ``logits (B, V)``; returns ``(B, 1)``.
 
     ``softmax(logits / temperature)``, restricted to the ``top_k`` most likely ids
     if given (ids whose logit ties with the ``k``-th largest are kept too, so a few
-    more than ``k`` may remain); ``temperature=0`` takes the arg-max (greedy decoding).
-    Book: "The pretrained GPT".
+    more than ``k`` may remain), then to the nucleus of probability ``top_p``
+    :cite:p:`holtzman2020curious` if given (``top_p=1`` keeps every id). A
+    ``temperature`` below :data:`MIN_TEMPERATURE`, ``0`` included, takes the arg-max
+    (greedy decoding); float16 logits are divided in float32, so that no allowed
+    temperature overflows. This is the one sampling step that
+    :meth:`GPT.generate` and the model server share. Book: "The pretrained GPT".
     """
-    _check_tensor("logits", logits)
+    check_tensor("logits", logits)
     if logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError(f"logits must be a floating-point (batch, vocab_size) tensor, "
                          f"got shape {tuple(logits.shape)} and dtype {logits.dtype}")
-    _check_sampling(temperature, top_k)
-    if temperature == 0:
+    _check_sampling(temperature, top_k, top_p)
+    if temperature < MIN_TEMPERATURE:
         return logits.argmax(dim=-1, keepdim=True)
+    if logits.dtype == torch.float16:  # 65504 is float16's largest number
+        logits = logits.float()
     logits = logits / temperature
     if top_k is not None:
         kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1:
+        logits = _keep_top_p(logits, top_p)
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
 
 
@@ -566,12 +496,17 @@ class GPT(nn.Module):
         return n
 
     def _check_ids(self, name: str, idx, allow_ignore: bool = False) -> None:
-        _check_tensor(name, idx)
+        check_tensor(name, idx)
         if idx.dtype != torch.long:
             raise TypeError(f"{name} must be a torch.long tensor of token ids, got {idx.dtype}")
         if idx.dim() != 2:
             raise ValueError(f"{name} must have shape (batch, time), got {tuple(idx.shape)}")
         low = -1 if allow_ignore else 0
+        # The range check reads the values: free on the CPU, but on a GPU it would make
+        # every forward pass (and every decoding step) wait for the device. There an id
+        # out of range fails in the embedding instead (PyTorch's device-side assert).
+        if idx.device.type != "cpu":
+            return
         if idx.numel() and ((idx < low) | (idx >= self.config.vocab_size)).any():
             raise ValueError(f"{name} must hold ids in [{low}, {self.config.vocab_size}), "
                              f"got values from {idx.min().item()} to {idx.max().item()}")
@@ -662,11 +597,12 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
-                 use_cache: bool = True) -> torch.Tensor:
+                 use_cache: bool = True, top_p: float | None = None) -> torch.Tensor:
         """Continue ``idx (B, T)`` by ``max_new_tokens`` sampled ids; returns ``(B, T + n)``.
 
         Each step samples from the last position's logits (:func:`sample_next_token`;
-        ``temperature=0`` is greedy; ``generator`` lives on the model's device). With
+        ``temperature=0`` is greedy, ``top_p`` keeps the nucleus; ``generator`` lives
+        on the model's device). With
         ``use_cache`` the prompt is run once and then one token per step through the
         key/value caches; once the text is longer than ``block_size`` the model sees
         only the last ``block_size`` tokens, and since every position then shifts, the
@@ -674,12 +610,10 @@ class GPT(nn.Module):
         the cache). Runs in eval mode (restored afterwards). Book: "Generation".
         """
         self._check_ids("idx", idx)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-                or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        check_int("max_new_tokens", max_new_tokens, low=0)
         if idx.size(1) < 1:
             raise ValueError("idx must hold at least one token to start from")
-        _check_sampling(temperature, top_k)
+        _check_sampling(temperature, top_k, top_p)
         was_training = self.training
         self.eval()
         block_size, caches = self.config.block_size, None
@@ -692,7 +626,7 @@ class GPT(nn.Module):
                     logits, _ = self(idx[:, -1:], kv_caches=caches)
             else:
                 logits, _ = self(idx[:, -block_size:])
-            next_id = sample_next_token(logits[:, -1], temperature, top_k, generator)
+            next_id = sample_next_token(logits[:, -1], temperature, top_k, generator, top_p)
             idx = torch.cat((idx, next_id), dim=1)
         self.train(was_training)
         return idx
