@@ -15,7 +15,7 @@ from types import ModuleType
 #: top-level module -> the extra of ``pyproject.toml`` that installs it
 EXTRA = {
     "fastapi": "serve", "uvicorn": "serve", "pydantic": "serve",
-    "prometheus_client": "serve", "httpx": "serve",
+    "prometheus_client": "serve", "httpx": "serve", "starlette": "serve",
     "onnx": "export", "onnxscript": "export", "onnxruntime": "export",
     "safetensors": "export",
     "regex": "tokens",

@@ -14,22 +14,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from numbers import Integral, Real
+
+from companion._validate import check_int, check_number
 
 # --------------------------------------------------------------------------- validation
 
 
 def _check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
+    return check_int(name, value, low=minimum)
 
 
 def _check_number(name: str, value, *, positive: bool = True, at_most: float | None = None):
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    check_number(name, value)
     if not math.isfinite(value) or (value <= 0 if positive else value < 0):
         raise ValueError(f"{name} must be a finite {'positive' if positive else 'non-negative'} "
                          f"number, got {value}")
@@ -462,3 +458,139 @@ def format_bytes(n, digits: int = 1) -> str:
         if n >= size:
             return f"{n / size:.{digits}f} {suffix}"
     return f"{n:.0f} B"
+
+
+# --------------------------------------------------------------------------- scaling laws
+
+
+@dataclass(frozen=True)
+class ScalingLaw:
+    """``L(N, D) = E + A / N^alpha + B / D^beta`` :cite:p:`hoffmann2022training`.
+
+    ``E`` is the loss of an ideal model on the data (its entropy), the second term the
+    shortfall of a finite model of ``N`` parameters, the third that of ``D`` tokens.
+    """
+
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+
+    def loss(self, n_params, n_tokens):
+        """The predicted loss at ``N = n_params`` and ``D = n_tokens`` (arrays broadcast)."""
+        import numpy as np
+
+        n, d = np.asarray(n_params, dtype=float), np.asarray(n_tokens, dtype=float)
+        return self.E + self.A / n**self.alpha + self.B / d**self.beta
+
+
+#: Chinchilla's fit (approach 3, equation 10 of :cite:t:`hoffmann2022training`).
+CHINCHILLA_LAW = ScalingLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+#: Kaplan et al.'s single-variable exponents, ``L(N) ~ N^-0.076`` and
+#: ``L(D) ~ D^-0.095`` :cite:p:`kaplan2020scaling`.
+KAPLAN_EXPONENTS = {"alpha_N": 0.076, "alpha_D": 0.095}
+
+
+def _huber_objective(theta, log_n, log_d, log_loss, delta):
+    """Sum of Huber losses of ``LSE(a - alpha log N, b - beta log D, e) - log L``, and its
+    gradient in ``theta = (a, b, e, alpha, beta)`` with ``A = e^a``, ``B = e^b``, ``E = e^e``."""
+    import numpy as np
+
+    a, b, e, alpha, beta = theta
+    terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
+    top = terms.max(axis=0)
+    w = np.exp(terms - top)
+    lse = top + np.log(w.sum(axis=0))
+    w /= w.sum(axis=0)  # d lse / d term
+    r = lse - log_loss
+    small = np.abs(r) <= delta
+    value = np.where(small, 0.5 * r**2, delta * (np.abs(r) - 0.5 * delta)).sum()
+    dr = np.where(small, r, delta * np.sign(r))
+    grad = np.array([(dr * w[0]).sum(), (dr * w[1]).sum(), (dr * w[2]).sum(),
+                     -(dr * w[0] * log_n).sum(), -(dr * w[1] * log_d).sum()])
+    return value, grad
+
+
+def _grid_values(starts, log_n, log_d, log_loss, delta):
+    """The Huber objective at every row of ``starts (S, 5)`` at once."""
+    import numpy as np
+
+    a, b, e, alpha, beta = (starts[:, j:j + 1] for j in range(5))  # (S, 1) each
+    terms = np.stack([a - alpha * log_n, b - beta * log_d, np.broadcast_to(e, a.shape)
+                      + 0 * log_n])
+    r = np.logaddexp.reduce(terms, axis=0) - log_loss  # (S, runs)
+    return np.where(np.abs(r) <= delta, 0.5 * r**2, delta * (np.abs(r) - 0.5 * delta)).sum(1)
+
+
+def _fit_once(log_n, log_d, log_loss, delta, starts, n_refine=8):
+    import numpy as np
+    from scipy.optimize import minimize
+
+    values = _grid_values(starts, log_n, log_d, log_loss, delta)
+    best = None
+    for i in np.argsort(values)[:n_refine]:  # refine the best grid points
+        res = minimize(_huber_objective, starts[i], args=(log_n, log_d, log_loss, delta),
+                       jac=True, method="L-BFGS-B",
+                       options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 5000})
+        if best is None or res.fun < best.fun:
+            best = res
+    a, b, e, alpha, beta = (float(v) for v in best.x)
+    return ScalingLaw(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta)
+
+
+def fit_scaling_law(n_params, n_tokens, loss, *, delta: float = 1e-3,
+                    n_bootstrap: int = 0, seed: int = 0):
+    """Fit :class:`ScalingLaw` to measured runs as Chinchilla's approach 3 does.
+
+    Minimises the Huber loss (``delta=1e-3``) between ``log L`` and the log of the
+    predicted loss, over ``log A, log B, log E, alpha, beta``, with L-BFGS started from
+    the 8 best points of the paper's grid of initialisations (the paper starts from all
+    of them; here the objective is evaluated on the whole grid and only the best are
+    refined). With ``n_bootstrap > 0`` the runs are resampled with replacement that many
+    times and refitted (from the full-data optimum); returns
+    ``(law, bootstrap_laws)`` then, else ``law``.
+    """
+    import numpy as np
+
+    n, d, y = (np.asarray(v, dtype=float).ravel() for v in (n_params, n_tokens, loss))
+    if not (n.shape == d.shape == y.shape):
+        raise ValueError(f"n_params, n_tokens and loss must have the same length, got "
+                         f"{n.size}, {d.size} and {y.size}")
+    if n.size < 5:
+        raise ValueError(f"loss must hold at least 5 runs to fit 5 parameters, got {n.size}")
+    for name, v in (("n_params", n), ("n_tokens", d), ("loss", y)):
+        if not (np.isfinite(v).all() and (v > 0).all()):
+            raise ValueError(f"{name} must hold finite positive numbers")
+    _check_number("delta", delta)
+    _check_int("n_bootstrap", n_bootstrap, minimum=0)
+    grid = np.arange(0, 2.01, 0.5), np.arange(-1, 1.01, 0.5), np.arange(0, 26, 5)
+    starts = np.array([[a, b, e, al, be] for a in grid[2] for b in grid[2]
+                       for e in grid[1] for al in grid[0] for be in grid[0]])
+    logs = np.log(n), np.log(d), np.log(y)
+    law = _fit_once(*logs, delta, starts)
+    if not n_bootstrap:
+        return law
+    # each refit starts from the full-data optimum
+    best = np.array([[math.log(law.A), math.log(law.B), math.log(law.E), law.alpha, law.beta]])
+    rng = np.random.default_rng(seed)
+    boot = []
+    for _ in range(n_bootstrap):
+        i = rng.integers(0, n.size, n.size)
+        boot.append(_fit_once(logs[0][i], logs[1][i], logs[2][i], delta, best, n_refine=1))
+    return law, boot
+
+
+def compute_optimal(flops, law: ScalingLaw):
+    """The ``(N*, D*)`` that minimise ``law.loss(N, D)`` subject to ``6 N D = flops``.
+
+    Setting the derivative along the constraint to zero gives
+    ``N* = G (C/6)^(beta/(alpha+beta))`` and ``D* = (C/6)^(alpha/(alpha+beta)) / G`` with
+    ``G = (alpha A / (beta B))^(1/(alpha+beta))``.
+    """
+    _check_number("flops", flops)
+    if not isinstance(law, ScalingLaw):
+        raise TypeError(f"law must be a ScalingLaw, got {type(law).__name__}")
+    s = law.alpha + law.beta
+    g = (law.alpha * law.A / (law.beta * law.B)) ** (1 / s)
+    return g * (flops / 6) ** (law.beta / s), (flops / 6) ** (law.alpha / s) / g

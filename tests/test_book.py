@@ -1,4 +1,5 @@
-"""The book's own rules (DESIGN.md), checked on every notebook and the table of contents.
+"""The book's own rules (README, "Conventions for contributors"), checked on every notebook
+and the table of contents.
 
 These are structural checks; nbval (run in the same pytest session) checks that each
 notebook's stored outputs are what its code produces.
@@ -157,6 +158,19 @@ def test_make_notebooks_merges_consecutive_streams():
     assert [(o.output_type, o.get("name"), o.get("text")) for o in merged] == [
         ("stream", "stdout", "a\nb\n"), ("stream", "stderr", "w\n"), ("stream", "stdout", "c\n"),
         ("execute_result", None, None), ("stream", "stdout", "d\n")]
+
+
+#: The rendered book shows 88 columns of code without scrolling (book/_static/custom.css).
+CODE_COLUMNS = 88
+
+
+def test_code_fits_the_page(notebook):
+    path, nb = notebook
+    long = [f"code cell {i}: {line[:60]}... ({len(line)} characters)"
+            for i, cell in enumerate(_code_cells(nb))
+            for line in _source(cell).split("\n") if len(line) > CODE_COLUMNS]
+    assert not long, (f"{path.name}: lines over {CODE_COLUMNS} characters scroll sideways in "
+                      f"the book (ruff format --line-length {CODE_COLUMNS}):\n" + "\n".join(long))
 
 
 def test_few_cells_escape_the_comparison(notebook):

@@ -332,3 +332,67 @@ def test_measured_matmul_flops_is_a_positive_rate():
     assert math.isfinite(rate) and rate > 0
     with pytest.raises(ValueError, match="size"):
         scale.measure_matmul_flops("cpu", size=0)
+
+
+# --------------------------------------------------------------------------- scaling laws
+
+
+def _synthetic_runs(law, noise=0.0, seed=0):
+    import numpy as np
+
+    n, d = np.meshgrid(np.logspace(6, 9, 6), np.logspace(8, 11, 6))
+    n, d = n.ravel(), d.ravel()
+    loss = law.loss(n, d) * np.exp(np.random.default_rng(seed).normal(0, noise, n.size))
+    return n, d, loss
+
+
+def test_fit_scaling_law_recovers_known_parameters():
+    true = scale.ScalingLaw(E=1.8, A=400.0, B=410.0, alpha=0.34, beta=0.28)
+    law = scale.fit_scaling_law(*_synthetic_runs(true))
+    for name in ("E", "A", "B", "alpha", "beta"):
+        assert getattr(law, name) == pytest.approx(getattr(true, name), rel=1e-6)
+
+
+def test_fit_scaling_law_with_noise_brackets_the_truth():
+    import numpy as np
+
+    true = scale.ScalingLaw(E=1.8, A=400.0, B=410.0, alpha=0.34, beta=0.28)
+    law, boot = scale.fit_scaling_law(*_synthetic_runs(true, noise=0.003), n_bootstrap=40)
+    assert len(boot) == 40
+    for name in ("alpha", "beta"):
+        lo, hi = np.percentile([getattr(b, name) for b in boot], [2.5, 97.5])
+        assert hi - lo < 0.1
+        assert abs(getattr(law, name) - getattr(true, name)) < 0.05
+
+
+def test_compute_optimal_matches_numerical_minimisation():
+    from scipy.optimize import minimize_scalar
+
+    for law in (scale.CHINCHILLA_LAW, scale.ScalingLaw(2.0, 50.0, 900.0, 0.5, 0.3)):
+        for flops in (1e18, 5.76e23):
+            n_opt, d_opt = scale.compute_optimal(flops, law)
+            assert 6 * n_opt * d_opt == pytest.approx(flops, rel=1e-12)
+            def loss_at(x, law=law, flops=flops):
+                return law.loss(math.exp(x), flops / (6 * math.exp(x)))
+
+            res = minimize_scalar(loss_at, bounds=(math.log(1e3), math.log(1e15)),
+                                  method="bounded", options={"xatol": 1e-10})
+            assert math.exp(res.x) == pytest.approx(n_opt, rel=1e-4)
+    # the optimum grows as C^(beta / (alpha + beta)) in N
+    a = scale.CHINCHILLA_LAW.beta / (scale.CHINCHILLA_LAW.alpha + scale.CHINCHILLA_LAW.beta)
+    ratio = scale.compute_optimal(1e22, scale.CHINCHILLA_LAW)[0] / \
+        scale.compute_optimal(1e20, scale.CHINCHILLA_LAW)[0]
+    assert ratio == pytest.approx(100**a, rel=1e-12)
+
+
+def test_scaling_law_functions_reject_bad_input():
+    with pytest.raises(ValueError, match="same length"):
+        scale.fit_scaling_law([1e6] * 6, [1e8] * 5, [3.0] * 6)
+    with pytest.raises(ValueError, match="at least 5 runs"):
+        scale.fit_scaling_law([1e6] * 4, [1e8] * 4, [3.0] * 4)
+    with pytest.raises(ValueError, match="loss must hold finite positive"):
+        scale.fit_scaling_law([1e6] * 6, [1e8] * 6, [3.0] * 5 + [float("nan")])
+    with pytest.raises(TypeError, match="law"):
+        scale.compute_optimal(1e20, (1, 2, 3, 4, 5))
+    with pytest.raises(ValueError, match="flops"):
+        scale.compute_optimal(-1.0, scale.CHINCHILLA_LAW)
