@@ -11,7 +11,7 @@
   plain ``pytest`` on a machine with a GPU still compares CPU results with CPU results.
   An explicit ``COMPANION_DEVICE=cuda pytest book/`` runs the notebooks on the GPU, where
   the printed digits of trained models may differ from the stored ones.
-* nbval's comparison is replaced by ``tests/nbval_tolerant.py``: text exactly, integers
+* nbval's comparison is replaced by ``tools/nbval_tolerant.py``: text exactly, integers
   exactly, other numbers to the printed digits or to the tolerance a cell declares with
   ``# NBVAL_TOLERANCE``, figures by their RMS pixel difference.
 * After the run, the terminal summary lists how long each notebook took under nbval
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -33,9 +32,9 @@ os.environ["OMP_NUM_THREADS"] = "1"
 os.environ.setdefault("COMPANION_DEVICE", "cpu")
 os.environ.setdefault("PYTHONHASHSEED", "0")
 
-# nbval compares outputs through tests/nbval_tolerant.py: numbers to the tolerance a cell
-# declares (default: the printed digits), figures by RMS pixel difference.
-sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
+# nbval compares outputs through the plugin tools/nbval_tolerant.py (tools/ is on the
+# path through pyproject.toml's `pythonpath`): numbers to the tolerance a cell declares
+# (default: the printed digits), figures by RMS pixel difference.
 pytest_plugins = ["nbval_tolerant"]
 
 _notebook_seconds: dict[str, float] = defaultdict(float)

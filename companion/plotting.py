@@ -53,7 +53,7 @@ def use_book_style() -> None:
     Idempotent. In a notebook it also selects PNG figures for the inline backend,
     which is what the stored outputs of the book contain, at a fixed size: the figure's
     own size times ``figure.dpi`` (no cropping to the drawn content), so that a stored
-    figure and a fresh one can be compared pixel by pixel (``tests/nbval_tolerant.py``).
+    figure and a fresh one can be compared pixel by pixel (``tools/nbval_tolerant.py``).
     """
     sns.set_theme(context="notebook", style="whitegrid", palette=PALETTE, rc=_RC)
     try:  # only inside IPython/Jupyter

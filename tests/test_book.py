@@ -190,7 +190,7 @@ def test_few_cells_escape_the_comparison(notebook):
 
 
 def test_tolerance_markers_are_well_formed(notebook):
-    """Every NBVAL_TOLERANCE marker parses and gives its reason (tests/nbval_tolerant.py)."""
+    """Every NBVAL_TOLERANCE marker parses and gives its reason (tools/nbval_tolerant.py)."""
     from nbval_tolerant import parse_tolerance
 
     path, nb = notebook

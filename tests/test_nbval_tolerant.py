@@ -1,4 +1,4 @@
-"""The tolerant output comparison of tests/nbval_tolerant.py: what passes and what must fail."""
+"""The tolerant output comparison of tools/nbval_tolerant.py: what passes and what must fail."""
 
 from __future__ import annotations
 
@@ -176,7 +176,7 @@ def _run_notebook_test(path: Path, report: Path) -> subprocess.CompletedProcess:
     # The notebook lies outside the repository, so the root conftest.py that loads the
     # plugin is not read: load it by name, as the root conftest does.
     env = {**os.environ, "NBVAL_TOLERANT_REPORT": str(report),
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tools"), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
          "-p", "nbval_tolerant",

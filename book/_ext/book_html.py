@@ -1,4 +1,4 @@
-"""Fixes to the built HTML that the browser check (tests/browser_check.py) asked for.
+"""Fixes to the built HTML that the browser check (tools/browser_check.py) asked for.
 
 * sphinxcontrib-mermaid 2.x loads Mermaid as an ES module (``import mermaid from ...``),
   from a CDN by default. A browser refuses ES-module imports on pages opened from disk

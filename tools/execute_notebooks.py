@@ -1,6 +1,6 @@
 """Re-execute notebooks in place so that their stored outputs are fresh (``make notebooks``).
 
-Usage: ``python tests/execute_notebooks.py [NOTEBOOK ...]`` (default: every notebook
+Usage: ``python tools/execute_notebooks.py [NOTEBOOK ...]`` (default: every notebook
 under ``book/``). Each notebook runs in a fresh kernel with its own folder as the
 working directory -- exactly as nbval runs it -- and is written back with outputs,
 execution counts 1, 2, 3, ..., no timing metadata, and consecutive prints of a cell

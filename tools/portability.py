@@ -8,7 +8,7 @@ Forcing each of them here shows, on one machine, what readers' machines will see
 notebook must pass nbval (with the tolerant comparison of ``nbval_tolerant.py``) under
 every variant.
 
-Usage: ``python tests/portability.py [--variant NAME]... [--jobs N] [--report DIR]
+Usage: ``python tools/portability.py [--variant NAME]... [--jobs N] [--report DIR]
 [NOTEBOOK ...]``; ``--print-env NAME`` prints a variant's environment (``KEY=VALUE``
 lines, for ``env``) and ``--ci`` the two variants CI runs (see :func:`ci_variants`).
 Prints, per variant, the pytest summary, and at the end the cells that deviated

@@ -6,8 +6,8 @@ few files of MathJax 3 and Mermaid 11 that it needs are committed under
 them. This script is how they got there and how anyone can check that they are exactly
 the registry's files:
 
-    python tests/vendor_js.py           # re-fetch the pinned npm tarballs (npm pack), extract
-    python tests/vendor_js.py --check   # compare the committed files with the manifest
+    python tools/vendor_js.py           # re-fetch the pinned npm tarballs (npm pack), extract
+    python tools/vendor_js.py --check   # compare the committed files with the manifest
 
 Fetching (needs ``npm``; reading and building the book do not) verifies each tarball
 against the SHA-512 ``integrity`` value the npm registry publishes for that version
