@@ -101,14 +101,20 @@ PYDOC_TEXT_FILE = Path(__file__).resolve().parent / "assets" / "pydoc_topics.txt
 PYDOC_TEXT_SHA256 = "2a95af4ac93f5b719944030ce3769070ddf827d847cba42192afa8da989e5dc4"
 
 
-def _read_frozen_text(path: Path, expected_sha256: str) -> str:
-    """The UTF-8 text of an asset file whose bytes must have SHA-256 ``expected_sha256``."""
-    data = path.read_bytes()
+def read_frozen_bytes(path: Path, expected_sha256: str) -> bytes:
+    """The bytes of an asset file, which must have SHA-256 ``expected_sha256``
+    (``RuntimeError`` otherwise: the frozen file was altered)."""
+    data = Path(path).read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != expected_sha256:
-        raise RuntimeError(f"{path.name} has SHA-256 {digest}, expected "
-                           f"{expected_sha256}: the frozen corpus was altered")
-    return data.decode("utf-8")
+        raise RuntimeError(f"{Path(path).name} has SHA-256 {digest}, expected "
+                           f"{expected_sha256}: the frozen file was altered")
+    return data
+
+
+def _read_frozen_text(path: Path, expected_sha256: str) -> str:
+    """The UTF-8 text of an asset file whose bytes must have SHA-256 ``expected_sha256``."""
+    return read_frozen_bytes(path, expected_sha256).decode("utf-8")
 
 
 def load_pydoc_text() -> str:

@@ -685,15 +685,19 @@ def record_block_comparison(path: str | Path = BLOCK_COMPARISON_RECORD, log=prin
     return record
 
 
-def load_block_comparison(path: str | Path = BLOCK_COMPARISON_RECORD) -> dict:
-    """The recorded comparison; raises ``ValueError`` if its settings are not the book's."""
+def _load_record(path: str | Path, settings: dict, name: str) -> dict:
+    """A JSON record; ``ValueError`` if it was made with other settings than ``settings``."""
     record = json.loads(Path(path).read_text())
-    expected = {k: list(v) if isinstance(v, tuple) else v for k, v in COMPARISON.items()}
+    expected = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
     if record["settings"] != expected:
         raise ValueError(f"{path} was recorded with {record['settings']}, not {expected}: "
-                         "re-record it with python -m companion.decoder --record "
-                         "block-comparison")
+                         f"re-record it with python -m companion.decoder --record {name}")
     return record
+
+
+def load_block_comparison(path: str | Path = BLOCK_COMPARISON_RECORD) -> dict:
+    """The recorded comparison; raises ``ValueError`` if its settings are not the book's."""
+    return _load_record(path, COMPARISON, "block-comparison")
 
 
 # --------------------------------------------------------------------------- a scaling sweep
@@ -742,13 +746,7 @@ def record_scaling_sweep(path: str | Path = SCALING_SWEEP_RECORD, log=print) -> 
 
 def load_scaling_sweep(path: str | Path = SCALING_SWEEP_RECORD) -> dict:
     """The recorded sweep; raises ``ValueError`` if its settings are not the book's."""
-    record = json.loads(Path(path).read_text())
-    expected = {k: list(v) if isinstance(v, tuple) else v for k, v in SWEEP.items()}
-    if record["settings"] != expected:
-        raise ValueError(f"{path} was recorded with {record['settings']}, not {expected}: "
-                         "re-record it with python -m companion.decoder --record "
-                         "scaling-sweep")
-    return record
+    return _load_record(path, SWEEP, "scaling-sweep")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,12 +23,12 @@ and :func:`load_gpt2_ranks` loads GPT-2's real 50,000 merges (r50k_base), frozen
 from __future__ import annotations
 
 import base64
-import hashlib
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from ._optional import require
 from ._validate import check_int, check_type
+from .data import read_frozen_bytes
 
 regex = require("regex")    # the `tokens` extra: GPT-2's pattern needs \p{L} and `++`
 
@@ -255,7 +255,7 @@ def load_gpt2_ranks() -> dict[bytes, int]:
     The file has one token a line: its bytes in base64, a space, its rank. Raises
     ``RuntimeError`` if the file was altered.
     """
-    data = _checked_bytes(GPT2_RANKS_FILE, GPT2_RANKS_SHA256)
+    data = read_frozen_bytes(GPT2_RANKS_FILE, GPT2_RANKS_SHA256)
     ranks = {}
     for line in data.splitlines():
         if line:
@@ -264,22 +264,13 @@ def load_gpt2_ranks() -> dict[bytes, int]:
     return ranks
 
 
-def _checked_bytes(path: Path, sha256: str) -> bytes:
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != sha256:
-        raise RuntimeError(f"{path.name} has SHA-256 {digest}, expected {sha256}: "
-                           f"the frozen file was altered")
-    return data
-
-
 def load_parallel_sample(language: str) -> str:
     """The book's parallel sample text, ``"en"`` or ``"zh"``: the same paragraphs in both
     languages, for comparing how many tokens one content costs (checked by SHA-256)."""
     if language not in PARALLEL_SAMPLES:
         raise ValueError(f"language must be one of {sorted(PARALLEL_SAMPLES)}, got {language!r}")
     name, sha256 = PARALLEL_SAMPLES[language]
-    return _checked_bytes(_ASSETS / name, sha256).decode("utf-8")
+    return read_frozen_bytes(_ASSETS / name, sha256).decode("utf-8")
 
 
 def gpt2_tokenizer() -> BPETokenizer:
