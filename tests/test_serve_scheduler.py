@@ -60,9 +60,11 @@ def test_huge_top_k_and_edge_top_p():
     same = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     assert torch.equal(sample_next_token(logits.expand(50, 4), 0.7, generator=same[0], top_p=1.0),
                        sample_next_token(logits.expand(50, 4), 0.7, generator=same[1]))
-    for bad in (0.0, 1.5, True, float("nan")):
+    for bad in (0.0, 1.5, float("nan")):
         with pytest.raises(ValueError, match="top_p"):
             sample_next_token(logits, 1.0, top_p=bad)
+    with pytest.raises(TypeError, match="top_p must be a real number"):
+        sample_next_token(logits, 1.0, top_p=True)
 
 
 SPECS = [  # prompt length, max_new_tokens, temperature, top_k, top_p, seed, arrival step
