@@ -22,7 +22,7 @@ Four groups, top to bottom:
   ZeRO stages, chapter 1's arithmetic) and the alpha-beta model
   :func:`all_reduce_seconds` / :func:`data_parallel_step_seconds`.
 
-One module per group: ``collectives``, ``launch``, ``data_parallel``, ``sharding``,
+One module per group: ``collectives``, ``processes``, ``data_parallel``, ``sharding``,
 ``tensor_parallel``, ``pipeline`` and ``cost``; every public name is importable from
 ``companion.distributed`` itself.
 
@@ -31,33 +31,39 @@ data-parallel training against one process, exit code 1 if they differ by more t
 ``1e-12``.
 """
 from .collectives import (
-                          Collective,
-                          all_reduce_bytes_per_rank,
-                          naive_all_reduce,
-                          ring_all_gather,
-                          ring_all_reduce,
-                          ring_reduce_scatter,
-                          shard_bounds,
+    Collective,
+    all_reduce_bytes_per_rank,
+    naive_all_reduce,
+    ring_all_gather,
+    ring_all_reduce,
+    ring_reduce_scatter,
+    shard_bounds,
 )
 from .cost import all_reduce_seconds, data_parallel_step_seconds, throughput_worker
 from .data_parallel import (
-                          TrainConfig,
-                          data_parallel_worker,
-                          digits_mlp,
-                          train_data_parallel,
-                          train_single,
+    TrainConfig,
+    data_parallel_worker,
+    digits_mlp,
+    flat_parameters,
+    train_data_parallel,
+    train_single,
 )
-from .launch import collectives_worker, launch
 from .pipeline import Schedule, Task, gpipe_schedule, one_f_one_b_schedule
+from .processes import collectives_worker, launch
 from .sharding import fsdp_worker, zero1_worker, zero_memory_per_device
 from .tensor_parallel import TensorParallelMLP, tensor_parallel_worker
 
 __all__ = [
     "Collective", "Schedule", "Task", "TensorParallelMLP", "TrainConfig",
     "all_reduce_bytes_per_rank", "all_reduce_seconds", "collectives_worker",
-    "data_parallel_step_seconds", "data_parallel_worker", "digits_mlp", "fsdp_worker",
+    "data_parallel_step_seconds", "data_parallel_worker", "digits_mlp", "flat_parameters",
+    "fsdp_worker",
     "gpipe_schedule", "launch", "naive_all_reduce", "one_f_one_b_schedule",
     "ring_all_gather", "ring_all_reduce", "ring_reduce_scatter", "shard_bounds",
     "tensor_parallel_worker", "throughput_worker", "train_data_parallel", "train_single",
     "zero1_worker", "zero_memory_per_device",
 ]
+
+# The public home of every name is the package (the API page, the book's cross-references):
+for _name in __all__:
+    globals()[_name].__module__ = __name__

@@ -1,6 +1,7 @@
-"""Real processes: :func:`launch` starts ``world_size`` ranks on a gloo process group (NCCL on
-GPUs) and collects their results; :func:`collectives_worker` runs ``torch.distributed``'s
-collectives (chapter 8, "Real processes")."""
+"""Real processes: :func:`~companion.distributed.launch` starts ``world_size`` ranks on a
+gloo process group (NCCL on GPUs) and collects their results;
+:func:`~companion.distributed.collectives_worker` runs ``torch.distributed``'s collectives
+(chapter 8, "Real processes")."""
 
 from __future__ import annotations
 
