@@ -22,8 +22,11 @@
 * **Memorisation** (:func:`memorization_run`): a small character GPT trained on the
   corpus with some documents repeated, or on the deduplicated corpus, with the same
   compute; a document is *extracted* when greedy decoding from its first characters
-  reproduces the next ones exactly (Carlini et al., 2021). Three seeds of each are
-  recorded in ``assets/dedup_memorization.json`` by ``python -m companion.dedup --record``.
+  reproduces the next ones exactly (Carlini et al., 2021). Three seeds of each, at each
+  learning rate of a small grid, and a deduplicated control with half the steps, are
+  recorded in ``assets/dedup_memorization.json`` by ``python -m companion.dedup --record``;
+  :func:`best_memorization_runs` picks each configuration's learning rate by its mean
+  held-out loss.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ __all__ = ["split_documents", "normalize", "clean_documents", "CleaningReport",
            "collision_probability", "lsh_params", "lsh_candidate_pairs",
            "near_duplicate_pairs", "distinct_documents", "word_ngrams", "ngram_overlap",
            "MEMORIZATION_SETTINGS", "MEMORIZATION_RECORD", "duplication_corpora",
-           "extraction_rate", "memorization_run"]
+           "extraction_rate", "memorization_run", "best_memorization_runs",
+           "MEMORIZATION_CONFIGS", "record_memorization", "load_memorization_record"]
 
 _WORD = re.compile(r"\w+")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -267,12 +271,17 @@ def ngram_overlap(train_docs: list[str], eval_docs: list[str], n: int = 13) -> l
 # --------------------------------------------------------------------------- memorisation
 
 #: The settings of the duplication experiment (chapter 4, "What duplicates do to a model").
+#: ``lrs`` is the learning-rate grid every configuration is run at; ``control_steps`` the
+#: steps of the deduplicated control (half the compute); ``logged_steps`` how many of
+#: each run's first step losses the record keeps (the book re-trains 20 to check it).
 MEMORIZATION_SETTINGS = {"train_docs": 400, "n_repeated": 8, "copies": 32, "steps": 1500,
-                         "batch_size": 16,
+                         "control_steps": 750, "batch_size": 16,
                          "block_size": 64, "n_layer": 2, "n_head": 4, "n_embd": 64,
-                         "lr": 3e-3, "prefix": 32, "suffix": 32, "val_fraction": 0.1,
-                         "val_windows": 128}
-#: Where ``python -m companion.dedup --record`` writes the three seeds' runs.
+                         "lrs": [1e-3, 3e-3, 1e-2], "prefix": 32, "suffix": 32,
+                         "val_fraction": 0.1, "val_windows": 128, "logged_steps": 100}
+#: The ``(corpus, steps)`` pairs that were recorded, each at every learning rate.
+MEMORIZATION_CONFIGS = (("duplicated", 1500), ("deduplicated", 1500), ("deduplicated", 750))
+#: Where ``python -m companion.dedup --record`` writes the runs.
 MEMORIZATION_RECORD = Path(__file__).resolve().parent / "assets" / "dedup_memorization.json"
 
 
@@ -329,10 +338,11 @@ def extraction_rate(model, tokenizer, passages: list[str], prefix: int, suffix: 
 
 
 def memorization_run(docs: list[str], corpus: str, seed: int, steps: int | None = None,
-                     device=None) -> dict:
+                     lr: float = 3e-3, device=None) -> dict:
     """Train :data:`MEMORIZATION_SETTINGS`'s character GPT on ``corpus`` (``"duplicated"``
-    or ``"deduplicated"``) for ``steps`` steps and measure it: the loss on held-out text,
-    and the extraction rate of the repeated documents and of documents seen once."""
+    or ``"deduplicated"``) for ``steps`` steps at learning rate ``lr`` (one of
+    the grid's rates) and measure it: the loss on held-out text, and the extraction
+    rate of the repeated documents and of documents seen once."""
     import torch
 
     from .data import CharTokenizer
@@ -345,6 +355,7 @@ def memorization_run(docs: list[str], corpus: str, seed: int, steps: int | None 
         raise ValueError(f"corpus must be 'duplicated' or 'deduplicated', got {corpus!r}")
     cfg = MEMORIZATION_SETTINGS
     steps = cfg["steps"] if steps is None else check_int("steps", steps, 1)
+    lr = check_float("lr", lr, 0.0, low_open=True)
     texts = duplication_corpora(docs, cfg["n_repeated"], cfg["copies"],
                                 cfg["prefix"] + cfg["suffix"], cfg["train_docs"], seed=0)
     tokenizer = CharTokenizer("\n\n".join(docs))
@@ -354,7 +365,7 @@ def memorization_run(docs: list[str], corpus: str, seed: int, steps: int | None 
     seed_everything(seed)
     model = GPT(GPTConfig(tokenizer.vocab_size, cfg["block_size"], cfg["n_layer"],
                           cfg["n_head"], cfg["n_embd"])).to(device or "cpu")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     T = cfg["block_size"]
 
@@ -368,8 +379,8 @@ def memorization_run(docs: list[str], corpus: str, seed: int, steps: int | None 
                                    eval_every=steps, eval_batches={"train": (val_x[:8], val_y[:8]),
                                                                    "val": (val_x, val_y)},
                                    autocast_dtype=None)
-    return {"corpus": corpus, "seed": seed, "steps": steps,
-            "step_loss": [round(x, 6) for x in history.step_loss],
+    return {"corpus": corpus, "seed": seed, "steps": steps, "lr": lr,
+            "step_loss": [round(x, 6) for x in history.step_loss[:cfg["logged_steps"]]],
             "held_out_loss": language_model_loss(model, val_x, val_y),
             "extracted_repeated": extraction_rate(model, tokenizer, texts["repeated"],
                                                   cfg["prefix"], cfg["suffix"]),
@@ -381,25 +392,28 @@ def memorization_run(docs: list[str], corpus: str, seed: int, steps: int | None 
                                           cfg["prefix"], cfg["suffix"], True)}
 
 
-def _memorization_task(task: tuple[str, int]) -> dict:
+def _memorization_task(task: tuple[str, int, float, int]) -> dict:
     import torch
 
     from .data import load_pydoc_text
 
     torch.set_num_threads(1)
+    corpus, steps, lr, seed = task
     docs = distinct_documents(split_documents(load_pydoc_text()))
-    return memorization_run(docs, task[0], task[1])
+    return memorization_run(docs, corpus, seed, steps=steps, lr=lr)
 
 
 def record_memorization(seeds=(0, 1, 2), jobs: int = 1, path: Path = MEMORIZATION_RECORD):
-    """Run :func:`memorization_run` on both corpora for each seed (one CPU thread per
-    run, ``jobs`` runs at a time) and write the results to ``path`` as JSON."""
+    """Run :func:`memorization_run` for each of :data:`MEMORIZATION_CONFIGS`, learning
+    rate of the grid and seed (one CPU thread per run, ``jobs`` runs at a time) and write
+    the results to ``path`` as JSON."""
     import json
     from concurrent.futures import ProcessPoolExecutor
 
     import torch
 
-    tasks = [(corpus, seed) for seed in seeds for corpus in ("duplicated", "deduplicated")]
+    tasks = [(corpus, steps, lr, seed) for corpus, steps in MEMORIZATION_CONFIGS
+             for lr in MEMORIZATION_SETTINGS["lrs"] for seed in seeds]
     with ProcessPoolExecutor(check_int("jobs", jobs, 1)) as pool:
         runs = list(pool.map(_memorization_task, tasks))
     record = {"settings": MEMORIZATION_SETTINGS, "torch": torch.__version__, "runs": runs}
@@ -408,8 +422,8 @@ def record_memorization(seeds=(0, 1, 2), jobs: int = 1, path: Path = MEMORIZATIO
 
 
 def load_memorization_record(path: Path = MEMORIZATION_RECORD) -> dict:
-    """The recorded runs as ``{(corpus, seed): run}``; refuses a record made with other
-    settings than :data:`MEMORIZATION_SETTINGS`."""
+    """The recorded runs as ``{(corpus, steps, lr, seed): run}``; refuses a record made
+    with other settings than :data:`MEMORIZATION_SETTINGS`."""
     import json
 
     record = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -417,7 +431,23 @@ def load_memorization_record(path: Path = MEMORIZATION_RECORD) -> dict:
         raise ValueError(f"{Path(path).name} was recorded with settings {record['settings']}, "
                          f"not {MEMORIZATION_SETTINGS}: re-record it with "
                          f"`python -m companion.dedup --record`")
-    return {(run["corpus"], run["seed"]): run for run in record["runs"]}
+    return {(run["corpus"], run["steps"], run["lr"], run["seed"]): run
+            for run in record["runs"]}
+
+
+def best_memorization_runs(record: dict) -> dict:
+    """For each ``(corpus, steps)`` of ``record`` (from :func:`load_memorization_record`),
+    the learning rate with the lowest held-out loss averaged over the seeds, and its runs:
+    ``{(corpus, steps): (lr, [run, ...] in seed order)}``."""
+    check_type("record", record, dict)
+    grid = defaultdict(lambda: defaultdict(list))       # (corpus, steps) -> lr -> runs
+    for (corpus, steps, lr, _seed), run in sorted(record.items()):
+        grid[(corpus, steps)][lr].append(run)
+    best = {}
+    for config, by_lr in grid.items():
+        lr = min(by_lr, key=lambda r: float(np.mean([x["held_out_loss"] for x in by_lr[r]])))
+        best[config] = (lr, by_lr[lr])
+    return best
 
 
 def main(argv=None) -> None:

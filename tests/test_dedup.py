@@ -125,7 +125,8 @@ def test_collision_probability_matches_simulation():
         agree = rng.random((trials, bands, rows)) < s       # each row agrees w.p. s
         simulated = agree.all(axis=2).any(axis=1).mean()
         p = float(collision_probability(s, bands, rows))
-        assert abs(simulated - p) <= 4 * math.sqrt(p * (1 - p) / trials) + 1e-3
+        sigma = math.sqrt(p * (1 - p) / trials)  # binomial standard error
+        assert sigma > 0 and abs(simulated - p) <= 4 * sigma, (s, simulated, p)
 
 
 def test_exact_duplicates_and_normalize():
@@ -233,6 +234,22 @@ def test_memorization_record_refuses_other_settings(tmp_path):
         dedup.load_memorization_record(path)
     with pytest.raises(ValueError, match="corpus"):
         dedup.memorization_run(["a"], "both", seed=0)
+    with pytest.raises(ValueError, match="lr"):
+        dedup.memorization_run(["a"], "duplicated", seed=0, lr=-1e-3)
+
+
+def test_best_memorization_runs_picks_the_lowest_mean_held_out_loss():
+    losses = {("dup", 10, 1e-3): [2.0, 2.2], ("dup", 10, 3e-3): [1.9, 2.4],  # means 2.1, 2.15
+              ("dedup", 5, 1e-3): [1.5, 1.5], ("dedup", 5, 3e-3): [1.4, 1.6000001]}
+    record = {(c, n, lr, seed): {"held_out_loss": x, "seed": seed}
+              for (c, n, lr), xs in losses.items() for seed, x in enumerate(xs)}
+    best = dedup.best_memorization_runs(record)
+    assert best.keys() == {("dup", 10), ("dedup", 5)}
+    assert best[("dup", 10)][0] == 1e-3
+    assert [r["seed"] for r in best[("dup", 10)][1]] == [0, 1]
+    assert best[("dedup", 5)][0] == 1e-3
+    with pytest.raises(TypeError, match="record"):
+        dedup.best_memorization_runs([1])
 
 
 def test_record_command_needs_a_flag():
