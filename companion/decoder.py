@@ -436,7 +436,9 @@ class Decoder(nn.Module):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        # the router too, as Hugging Face does: at zero every token would tie and go to
+        # the same top_k experts before training starts
+        if isinstance(module, (nn.Linear, nn.Embedding, TopKRouter)):
             nn.init.normal_(module.weight, std=0.02)
 
     def new_kv_caches(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:

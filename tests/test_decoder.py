@@ -373,6 +373,20 @@ def test_moe_decoder_trains_and_exposes_router_logits():
     assert model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
 
 
+def test_moe_router_starts_random_not_collapsed():
+    # a zero router ties every token onto the same top_k experts
+    torch.manual_seed(0)
+    cfg = DecoderConfig(vocab_size=20, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                        hidden_dim=12, n_experts=8, top_k=2)
+    model = Decoder(cfg)
+    weight = model.layers[0].mlp.gate.weight
+    assert 0.01 < weight.std().item() < 0.03  # normal, std 0.02 like Hugging Face
+    with torch.no_grad():
+        model(torch.randint(0, 20, (4, 16), generator=gen()))
+    load = model.layers[0].mlp.tokens_per_expert()
+    assert (load > 0).sum() >= 6 and load.max() < load.sum() / 4
+
+
 # --------------------------------------------------------------------------- the comparison
 
 
