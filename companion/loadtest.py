@@ -126,11 +126,47 @@ async def capacity(url: str, payloads: list[dict]) -> float:
 # --------------------------------------------------------------------------- a recorded curve
 
 
+def quantile_interval(samples: list[float], q: float,
+                      confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free ``confidence`` interval for the ``q``-th percentile.
+
+    For ``n`` independent samples the number below the true quantile is
+    Binomial(``n``, ``q / 100``), so the order statistics ``x_(l) <= x_(u)`` (1-based)
+    cover it with probability ``P(l <= B < u)``; the narrowest central pair with at least
+    ``confidence`` is returned. Where even ``(x_(1), x_(n))`` covers less (too few samples
+    for so extreme a quantile), the missing end is ``-inf`` or ``inf``: the interval does
+    not close inside the sample.
+    """
+    from scipy import stats
+
+    check_float("q", q, low=0.0, high=100.0)
+    check_float("confidence", confidence, low=0.0, high=1.0)
+    x = sorted(float(v) for v in samples)
+    n = len(x)
+    if n == 0:
+        raise ValueError("samples must not be empty")
+    p = q / 100
+    tail = (1 - confidence) / 2
+    # l: the largest rank with P(B < l) <= tail; u: the smallest with P(B >= u) <= tail
+    lo_rank = int(stats.binom.ppf(tail, n, p))  # smallest k with P(B <= k) >= tail
+    hi_rank = int(stats.binom.ppf(1 - tail, n, p)) + 1
+    low = x[lo_rank - 1] if lo_rank >= 1 else -math.inf
+    high = x[hi_rank - 1] if hi_rank <= n else math.inf
+    return low, high
+
+
 def record_curve(loads=(0.3, 0.5, 0.7, 0.9), n: int = 220, warmup: int = 20,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, arrival_seeds=(1, 2, 3),
+                 static_waits=(0.0, 5.0, 20.0)) -> dict:
     """The throughput-latency curve of continuous vs static batching, at ``loads`` times
-    the continuous server's measured capacity (both servers run side by side, measured
-    one after the other at each load). Takes a minute or two; returns a JSON-able dict."""
+    the continuous server's measured capacity.
+
+    The static server runs once per ``max_wait_ms`` in ``static_waits`` (its one tuning
+    knob), each point is measured with every Poisson arrival seed in ``arrival_seeds``,
+    and all servers run side by side, measured one after the other for each load and
+    seed. Each point keeps its raw latencies (seconds, answered requests only) so that
+    intervals can be computed from them. Takes about ten minutes on two CPU cores;
+    returns a JSON-able dict."""
     import os
     import platform
 
@@ -141,26 +177,35 @@ def record_curve(loads=(0.3, 0.5, 0.7, 0.9), n: int = 220, warmup: int = 20,
     text = corpus.tokenizer.decode(corpus.val_ids)
     g = torch.Generator().manual_seed(seed)
     payloads, burst = mixed_workload(n, text, g), mixed_workload(48, text, g)
-    servers = {p: serve.ServerProcess(serve.Limits(max_queue=1024, batching=p))
-               for p in ("continuous", "static")}
+    configs = [("continuous", None)] + [("static", float(w)) for w in static_waits]
+    servers = {c: serve.ServerProcess(serve.Limits(
+        max_queue=1024, batching=c[0], **({} if c[1] is None else {"max_wait_ms": c[1]})))
+        for c in configs}
     points = []
     try:
         for s in servers.values():
             s.launch()
         for s in servers.values():
             s.wait_ready()
-        cap = asyncio.run(capacity(servers["continuous"].url, burst))
+        cap = asyncio.run(capacity(servers["continuous", None].url, burst))
         for load in loads:
-            for policy, s in servers.items():
-                r = asyncio.run(open_loop(s.url, payloads, load * cap, seed=1, warmup=warmup))
-                points.append({"policy": policy, "load": load, "rate": load * cap, "n": r.n,
-                               "p50": r.percentile(50), "p99": r.percentile(99),
-                               "tokens_per_second": r.tokens_per_second})
+            for arrival_seed in arrival_seeds:
+                for (policy, wait), s in servers.items():
+                    r = asyncio.run(open_loop(s.url, payloads, load * cap,
+                                              seed=arrival_seed, warmup=warmup))
+                    ok = [t for t, c in zip(r.latencies, r.status_codes) if c == 200]
+                    points.append({
+                        "policy": policy, "max_wait_ms": wait, "load": load,
+                        "seed": arrival_seed, "rate": load * cap, "n": r.n,
+                        "p50": r.percentile(50), "p99": r.percentile(99),
+                        "tokens_per_second": r.tokens_per_second,
+                        "latencies": [round(t, 6) for t in ok]})
     finally:
         for s in servers.values():
             s.stop()
     return {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch "
                        f"{torch.__version__}", "capacity": cap, "requests": n, "warmup": warmup,
+            "arrival_seeds": list(arrival_seeds), "static_waits_ms": list(static_waits),
             "points": points}
 
 

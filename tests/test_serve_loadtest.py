@@ -44,3 +44,32 @@ def test_load_result_statistics_count_only_answered_requests():
     assert r.n == 3 and r.tokens_per_second == 6.0
     assert r.percentile(50) == pytest.approx(0.2) and r.percentile(100) == pytest.approx(0.3)
     assert math.isnan(loadtest.LoadResult(1.0, 1.0, [1.0], [503], [0]).percentile(50))
+
+
+def _binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(B <= k) for B ~ Binomial(n, p), summed exactly in float64 (the oracle)."""
+    return math.fsum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
+
+
+@pytest.mark.parametrize(("n", "q"), [(10, 50), (200, 50), (600, 99), (1000, 90), (57, 25)])
+def test_quantile_interval_covers_with_each_tail_at_most_half_the_rest(n, q):
+    samples = [float(v) for v in torch.randperm(n, generator=torch.Generator().manual_seed(n))]
+    low, high = loadtest.quantile_interval(samples, q)
+    rank_low, rank_high = int(low) + 1, int(high) + 1  # samples are 0..n-1
+    p = q / 100
+    below = _binomial_cdf(rank_low - 1, n, p)  # P(B < l): the interval lies above
+    above = 1 - _binomial_cdf(rank_high - 1, n, p)  # P(B >= u): the interval lies below
+    assert below <= 0.025 and above <= 0.025
+    # the ranks are the tightest: one step inward breaks a tail
+    assert _binomial_cdf(rank_low, n, p) > 0.025
+    assert 1 - _binomial_cdf(rank_high - 2, n, p) > 0.025
+
+
+def test_quantile_interval_textbook_values_and_open_ends():
+    assert loadtest.quantile_interval(list(range(10, 0, -1)), 50) == (2.0, 9.0)  # n = 10
+    low, high = loadtest.quantile_interval([float(i) for i in range(200)], 99)
+    assert high == math.inf and math.isfinite(low)  # 200 samples cannot close a p99
+    with pytest.raises(ValueError, match="samples"):
+        loadtest.quantile_interval([], 50)
+    with pytest.raises(ValueError, match="q"):
+        loadtest.quantile_interval([1.0], 150)
