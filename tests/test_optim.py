@@ -726,3 +726,65 @@ def test_foreach_flag_selects_the_code_path(monkeypatch, cls, single, vectorised
     param.grad = torch.ones(3)
     cls([param], lr=torch.tensor(0.1), foreach=True).step()
     assert calls == [vectorised if cls is SGD else single]
+
+
+# ------------------------------------------- the two code paths against each other
+def _twin_inputs(seed, complex_too=False):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(3, 4), (5,), (1,), (2, 2, 2)]
+    dtype = torch.complex128 if complex_too else torch.float64
+    params = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+             for _ in range(6)]  # six steps of gradients
+    return params, grads
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("momentum,dampening,weight_decay,nesterov", [
+    (0.0, 0.0, 0.0, False), (0.9, 0.0, 0.0, False), (0.9, 0.3, 0.01, False),
+    (0.9, 0.0, 0.01, True)])
+def test_sgd_foreach_equals_single_tensor(seed, momentum, dampening, weight_decay,
+                                          nesterov):
+    """The vectorised step is the loop's step, compared directly (not only via torch)."""
+    from companion.optim import sgd_foreach, sgd_single_tensor
+    params, grads = _twin_inputs(seed)
+    twins = {fn: ([p.clone() for p in params], [None] * len(params))
+             for fn in (sgd_single_tensor, sgd_foreach)}
+    hyper = dict(lr=0.05, momentum=momentum, dampening=dampening,
+                 weight_decay=weight_decay, nesterov=nesterov)
+    for step_grads in grads:
+        for fn, (ps, bufs) in twins.items():
+            fn(ps, [g.clone() for g in step_grads], bufs, **hyper)
+    (p1, b1), (p2, b2) = twins.values()
+    for a, b in zip(p1 + [x for x in b1 if x is not None],
+                    p2 + [x for x in b2 if x is not None], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("complex_too", [False, True], ids=["real", "complex"])
+@pytest.mark.parametrize("weight_decay,amsgrad,decoupled,epsilon_hat", [
+    (0.0, False, False, False), (0.01, False, False, False),
+    (0.01, True, True, False), (0.0, False, True, True), (0.05, True, False, True)])
+def test_adam_foreach_equals_single_tensor(seed, complex_too, weight_decay, amsgrad,
+                                           decoupled, epsilon_hat):
+    from companion.optim import adam_foreach, adam_single_tensor
+    params, grads = _twin_inputs(seed, complex_too)
+
+    def state():
+        ps = [p.clone() for p in params]
+        return (ps, [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps],
+                [torch.zeros_like(p) for p in ps],
+                [torch.tensor(0.0, dtype=torch.float64) for _ in ps])
+
+    twins = {fn: state() for fn in (adam_single_tensor, adam_foreach)}
+    hyper = dict(lr=0.01, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=weight_decay,
+                 amsgrad=amsgrad, decoupled_weight_decay=decoupled,
+                 epsilon_hat=epsilon_hat)
+    for step_grads in grads:
+        for fn, st in twins.items():
+            fn(st[0], [g.clone() for g in step_grads], *st[1:], **hyper)
+    one, two = twins.values()
+    for a_list, b_list in zip(one, two, strict=True):
+        for a, b in zip(a_list, b_list, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-300)
