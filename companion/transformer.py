@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from companion._validate import check_attention_inputs, check_float, check_int, check_tensor
+from companion.sampling import filter_logits
 
 # --------------------------------------------------------------------------- attention
 
@@ -402,16 +403,6 @@ def _check_sampling(temperature, top_k, top_p=None) -> None:
         check_float("top_p", top_p, low=0.0, high=1.0, low_open=True)
 
 
-def _keep_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Mask all but the smallest set of most likely ids whose probability reaches ``top_p``
-    (nucleus sampling); the most likely id always stays."""
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    before = torch.cumsum(probs, dim=-1) - probs  # mass of the more likely ids
-    drop = (before >= top_p).scatter(-1, order, before >= top_p)  # back to vocabulary order
-    return logits.masked_fill(drop, float("-inf"))
-
-
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                       generator: torch.Generator | None = None,
                       top_p: float | None = None) -> torch.Tensor:
@@ -435,12 +426,8 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
         return logits.argmax(dim=-1, keepdim=True)
     if logits.dtype == torch.float16:  # 65504 is float16's largest number
         logits = logits.float()
-    logits = logits / temperature
-    if top_k is not None:
-        kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))
-    if top_p is not None and top_p < 1:
-        logits = _keep_top_p(logits, top_p)
+    logits = filter_logits(logits, temperature=temperature, top_k=top_k,
+                           top_p=top_p if top_p is not None and top_p < 1 else None)
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
 
 
