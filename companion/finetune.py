@@ -147,8 +147,8 @@ def fine_tune(model: GPT, corpus: CharCorpus, settings: FineTuneSettings = FineT
     Each step draws ``settings.batch_size`` random windows; with ``original`` and
     ``mix_fraction > 0``, that fraction of the rows comes from ``original``'s training
     text instead (rehearsal). The loss is recorded every ``eval_every`` steps on
-    ``eval_windows`` fixed validation windows of ``corpus`` (and, under ``"train"``, of
-    its training text). Seeded by ``seed``; returns the :class:`~companion.train.LMHistory`.
+    ``eval_windows`` fixed validation windows of ``corpus`` (only there: the book reads no
+    training-text loss). Seeded by ``seed``; returns the :class:`~companion.train.LMHistory`.
     """
     s = settings
     check_int("seed", seed, low=0)
@@ -166,8 +166,7 @@ def fine_tune(model: GPT, corpus: CharCorpus, settings: FineTuneSettings = FineT
             x, y = torch.cat((x, xo)), torch.cat((y, yo))
         return x.to(device), y.to(device)
 
-    eval_batches = {split: fixed_windows(corpus.ids(split), s.block_size, s.eval_windows)
-                    for split in ("train", "val")}
+    eval_batches = {"val": fixed_windows(corpus.ids("val"), s.block_size, s.eval_windows)}
     optimizer = make_optimizer(model, s.lr)
     return train_language_model(model, optimizer, get_batch, steps=s.steps,
                                 eval_every=s.eval_every, eval_batches=eval_batches,

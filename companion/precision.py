@@ -16,11 +16,19 @@ returns the canonical quiet NaN, while PyTorch's NaN payload depends on the CPU 
 by ``S`` so that small float16 gradients do not underflow, divide the gradients by ``S``
 before the step, skip the step and shrink ``S`` when a gradient overflowed, and grow ``S``
 after ``growth_interval`` clean steps. Its scale trajectory equals ``torch.amp.GradScaler``'s.
+
+:func:`autocast_run` is section "Training in bfloat16"'s experiment: a small GPT trained in
+float32 and under bfloat16 autocast from the same start on the same batches. Its six runs
+(two precisions, three seeds) are recorded in ``assets/autocast_runs.json`` by
+``python -m companion.precision --record``; the page re-trains seed 0 and checks it.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -202,3 +210,88 @@ class LossScaler:
         self.backoff_factor = float(state["backoff_factor"])
         self.growth_interval = int(state["growth_interval"])
         self._growth_tracker = int(state["_growth_tracker"])
+
+
+# ------------------------------------------------- section "Training in bfloat16": the runs
+
+#: The runs of section "Training in bfloat16 on the CPU": chapter 4's notebook GPT shape,
+#: 80 AdamW steps of 8 windows, scored on 64 validation windows; both precisions, 3 seeds.
+AUTOCAST_SETTINGS = {"block_size": 64, "n_layer": 2, "n_head": 4, "n_embd": 64,
+                     "steps": 80, "batch_size": 8, "lr": 1e-3, "val_windows": 64,
+                     "seeds": [0, 1, 2], "precisions": ["float32", "bf16"]}
+#: Where ``python -m companion.precision --record`` writes them.
+AUTOCAST_RECORD = Path(__file__).resolve().parent / "assets" / "autocast_runs.json"
+_AUTOCAST_DTYPES = {"float32": None, "bf16": torch.bfloat16}
+
+
+def autocast_run(corpus, seed: int, precision: str, device=None):
+    """One run: initialised after ``torch.manual_seed(seed)``, batches drawn from seed
+    ``100 + seed`` -- the same for both precisions. Returns its ``LMHistory``."""
+    from .train import fixed_windows, train_language_model
+    from .transformer import GPT, GPTConfig
+
+    if precision not in _AUTOCAST_DTYPES:
+        raise ValueError(f"precision must be one of {list(_AUTOCAST_DTYPES)}, got {precision!r}")
+    s, block = AUTOCAST_SETTINGS, AUTOCAST_SETTINGS["block_size"]
+    config = GPTConfig(vocab_size=corpus.vocab_size, block_size=block, n_layer=s["n_layer"],
+                       n_head=s["n_head"], n_embd=s["n_embd"], dropout=0.0)
+    val = fixed_windows(corpus.val_ids, block, num_windows=s["val_windows"])
+    torch.manual_seed(seed)  # the same initialisation for both precisions
+    net = GPT(config).to(device)
+    batches = torch.Generator().manual_seed(100 + seed)  # and the same batches
+    return train_language_model(
+        net,
+        torch.optim.AdamW(net.parameters(), lr=s["lr"]),
+        lambda: corpus.get_batch("train", s["batch_size"], block, generator=batches,
+                                 device=device),
+        steps=s["steps"],
+        eval_every=s["steps"],
+        eval_batches={"val": tuple(t.to(device) for t in val)},
+        autocast_dtype=_AUTOCAST_DTYPES[precision],
+    )
+
+
+def record_autocast_runs(path: str | Path = AUTOCAST_RECORD) -> dict:
+    """Train all of the section's runs on the CPU and write their losses to ``path``."""
+    from .data import CharCorpus
+
+    corpus, runs = CharCorpus(), []
+    for seed in AUTOCAST_SETTINGS["seeds"]:
+        for precision in AUTOCAST_SETTINGS["precisions"]:
+            h = autocast_run(corpus, seed, precision, torch.device("cpu"))
+            runs.append({"precision": precision, "seed": seed, "step_loss": h.step_loss,
+                         "val_loss": h.val_loss})
+    record = {"what": "companion.precision.record_autocast_runs", "torch": torch.__version__,
+              "settings": AUTOCAST_SETTINGS, "runs": runs}
+    Path(path).write_text(json.dumps(record) + "\n", encoding="utf-8")
+    return record
+
+
+def load_autocast_record(path: str | Path = AUTOCAST_RECORD) -> dict:
+    """The recorded runs as ``{(precision, seed): LMHistory}``; refuses a record made with
+    other settings than ``AUTOCAST_SETTINGS``."""
+    from .train import LMHistory
+
+    record = json.loads(Path(path).read_text(encoding="utf-8"))
+    if record["settings"] != AUTOCAST_SETTINGS:
+        raise ValueError(f"{Path(path).name} was recorded with {record['settings']}, not "
+                         f"{AUTOCAST_SETTINGS}: re-record it (python -m companion.precision "
+                         "--record)")
+    return {(r["precision"], r["seed"]): LMHistory(step_loss=r["step_loss"],
+                                                   val_loss=r["val_loss"])
+            for r in record["runs"]}
+
+
+def main(argv=None) -> None:
+    """``python -m companion.precision --record``: re-record the bfloat16 training runs."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--record", action="store_true", help="run and write the record")
+    if not parser.parse_args(argv).record:
+        parser.error("nothing to do: pass --record")
+    torch.set_num_threads(1)
+    for run in record_autocast_runs()["runs"]:
+        print(run["precision"], run["seed"], f"{run['val_loss'][-1]:.4f}")
+
+
+if __name__ == "__main__":
+    main()

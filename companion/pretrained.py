@@ -26,6 +26,11 @@ shared 2-core CPU; a second run took 23 minutes and wrote the same bytes;
 * validation loss (the validation text, in whole 128-character windows -- all of it
   but the last 40 characters): 1.1513 nats per character (training windows: 0.97);
 * sha256 ``7d995363af4c4d710bbd19a2fb688c9789f46eee4582b3eec4b785b9aa03f49e``.
+
+Chapter 4 first trains a smaller "notebook GPT" (:data:`NOTEBOOK_CONFIG`, 300 steps of
+:data:`NOTEBOOK_TRAINING`, :func:`train_notebook_gpt`). Its run is recorded in
+``assets/notebook_gpt_run.pt`` by ``python -m companion.pretrained --notebook-run``; the
+page trains its first steps and checks them against the record (:func:`load_notebook_gpt`).
 """
 
 from __future__ import annotations
@@ -41,7 +46,12 @@ import torch
 from companion.data import CharCorpus
 from companion.device import get_device, seed_everything
 from companion.optim import AdamW, warmup_cosine_schedule
-from companion.train import fixed_windows, language_model_loss, train_language_model
+from companion.train import (
+    LMHistory,
+    fixed_windows,
+    language_model_loss,
+    train_language_model,
+)
 from companion.transformer import GPT, GPTConfig
 
 #: Where the checkpoint lives inside the package.
@@ -144,6 +154,76 @@ def load_pretrained_gpt(device=None) -> tuple[GPT, CharCorpus]:
     return model, corpus
 
 
+# ------------------------------------------------- chapter 4's first run: the notebook GPT
+
+#: The notebook GPT: 2 blocks of width 64, 4 heads, 64 characters (``vocab_size``: the corpus').
+NOTEBOOK_CONFIG = {"block_size": 64, "n_layer": 2, "n_head": 4, "n_embd": 64}
+#: Its training: AdamW (decay on every parameter), warm-up then cosine to a tenth.
+NOTEBOOK_TRAINING = {"seed": 0, "steps": 300, "batch_size": 32, "learning_rate": 5e-3,
+                     "weight_decay": 0.1, "warmup_steps": 30, "min_lr_ratio": 0.1,
+                     "eval_every": 50, "eval_windows": 32}
+#: Where ``python -m companion.pretrained --notebook-run`` records the whole run.
+NOTEBOOK_RUN = CHECKPOINT.parent / "notebook_gpt_run.pt"
+
+
+def train_notebook_gpt(corpus: CharCorpus, steps: int = NOTEBOOK_TRAINING["steps"],
+                       device=None) -> tuple[GPT, LMHistory]:
+    """The first ``steps`` steps of chapter 4's run; returns ``(model, history)``.
+
+    The schedule spans the whole run whatever ``steps`` is, so a shorter call is the
+    run's prefix. Every ``eval_every`` steps the loss on ``eval_windows`` fixed windows
+    of the training and of the validation text is recorded.
+    """
+    t = NOTEBOOK_TRAINING
+    seed_everything(t["seed"])
+    device = get_device(device)
+    config = GPTConfig(vocab_size=corpus.vocab_size, **NOTEBOOK_CONFIG)
+    model = GPT(config).to(device)
+    optimizer = AdamW(model.parameters(), lr=t["learning_rate"],
+                      weight_decay=t["weight_decay"])
+    scheduler = warmup_cosine_schedule(optimizer, t["warmup_steps"], t["steps"],
+                                       min_lr_ratio=t["min_lr_ratio"])
+    batches = torch.Generator().manual_seed(t["seed"])
+    eval_batches = {
+        split: fixed_windows(corpus.ids(split), config.block_size, t["eval_windows"])
+        for split in ("train", "val")
+    }
+    history = train_language_model(
+        model,
+        optimizer,
+        lambda: corpus.get_batch("train", t["batch_size"], config.block_size, batches, device),
+        steps=steps,
+        eval_every=t["eval_every"],
+        eval_batches=eval_batches,
+        scheduler=scheduler,
+    )
+    return model, history
+
+
+def record_notebook_gpt(path: str | Path = NOTEBOOK_RUN) -> Path:
+    """Train the notebook GPT's whole run on the CPU and save it with its history."""
+    corpus = CharCorpus()
+    model, history = train_notebook_gpt(corpus, device="cpu")
+    return save_checkpoint(model, corpus, path, settings=NOTEBOOK_TRAINING,
+                           torch_version=str(torch.__version__),
+                           **dataclasses.asdict(history))
+
+
+def load_notebook_gpt(path: str | Path = NOTEBOOK_RUN, device=None) -> tuple[GPT, LMHistory]:
+    """The recorded notebook GPT after its whole run (eval mode) and the run's history.
+
+    Raises ``ValueError`` if it was recorded with other settings than ``NOTEBOOK_TRAINING``.
+    """
+    model, checkpoint = load_checkpoint(path, device)
+    record = checkpoint["record"]
+    if record["settings"] != NOTEBOOK_TRAINING:
+        raise ValueError(f"{Path(path).name} was recorded with {record['settings']}, not "
+                         f"{NOTEBOOK_TRAINING}: re-record it "
+                         "(python -m companion.pretrained --notebook-run)")
+    fields = [f.name for f in dataclasses.fields(LMHistory)]
+    return model, LMHistory(**{name: record[name] for name in fields})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m companion.pretrained",
                                      description="Re-train the pretrained GPT checkpoint.")
@@ -153,8 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: the same bytes on any machine with the "
                              "same PyTorch build, and robust on a shared CPU)")
+    parser.add_argument("--notebook-run", action="store_true",
+                        help="record chapter 4's notebook GPT run instead (one CPU thread)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.notebook_run:
+        path = record_notebook_gpt()
+        print(f"wrote {path.name}: {path.stat().st_size / 1e6:.2f} MB")
+        return 0
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads", flush=True)
     model, corpus, history = train_pretrained(args.steps, args.device,
                                               log=lambda s: print(s, flush=True))

@@ -121,9 +121,10 @@ class LMHistory:
     """What :func:`train_language_model` records.
 
     ``step_loss`` has the training-batch loss of every step; ``eval_step``,
-    ``train_loss`` and ``val_loss`` the losses on the fixed evaluation batches every
-    ``eval_every`` steps (and after the last one). ``tokens_per_second`` counts the
-    training tokens (batch x time) per second of wall time, evaluations excluded.
+    ``train_loss`` (empty if no training batch was given) and ``val_loss`` the losses on
+    the fixed evaluation batches every ``eval_every`` steps (and after the last one).
+    ``tokens_per_second`` counts the training tokens (batch x time) per second of wall
+    time, evaluations excluded.
     """
 
     step_loss: list[float] = field(default_factory=list)
@@ -216,7 +217,8 @@ def train_language_model(model: nn.Module, optimizer: torch.optim.Optimizer, get
     ``get_batch()`` returns ``(x, y)`` id tensors ``(B, T)``; ``model(x, y)`` returns
     ``(logits, loss)``. Every ``eval_every`` steps (and at the end) the loss on
     ``eval_batches = {"train": (x, y), "val": (x, y)}`` -- fixed batches, e.g. from
-    :func:`fixed_windows` -- is recorded. Gradients are clipped to norm ``grad_clip``.
+    :func:`fixed_windows` -- is recorded (without ``"train"``, only the validation
+    loss). Gradients are clipped to norm ``grad_clip``.
     ``autocast_dtype`` runs the forward pass in mixed precision; the weights stay
     float32. The default (:func:`default_autocast_dtype`) is bfloat16 on GPUs that
     support it natively, float16 on older CUDA GPUs and none elsewhere; with float16
@@ -226,8 +228,9 @@ def train_language_model(model: nn.Module, optimizer: torch.optim.Optimizer, get
     """
     check_int("steps", steps, low=1)
     check_int("eval_every", eval_every, low=1)
-    if set(eval_batches) != {"train", "val"}:
-        raise ValueError(f"eval_batches must have keys 'train' and 'val', got {set(eval_batches)}")
+    if set(eval_batches) not in ({"train", "val"}, {"val"}):
+        raise ValueError("eval_batches must have the key 'val' and may have 'train', "
+                         f"got {set(eval_batches)}")
     device = _device_of(model)
     if autocast_dtype is None:
         autocast_dtype = default_autocast_dtype(device)
@@ -237,7 +240,8 @@ def train_language_model(model: nn.Module, optimizer: torch.optim.Optimizer, get
 
     def record(step):
         history.eval_step.append(step)
-        history.train_loss.append(language_model_loss(model, *eval_batches["train"]))
+        if "train" in eval_batches:
+            history.train_loss.append(language_model_loss(model, *eval_batches["train"]))
         history.val_loss.append(language_model_loss(model, *eval_batches["val"]))
         history.tokens_per_second = tokens / seconds if seconds else 0.0
         if log is not None:

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
+from factories import tiny_gpt
 
-from companion.distill import distillation_loss, student_loss
+from companion.distill import (
+    STUDENT_RECORD,
+    STUDENT_SETTINGS,
+    distillation_loss,
+    load_student_record,
+    mean_loss,
+    run_students,
+    student_data,
+    student_loss,
+)
 
 
 def _oracle(student, teacher, T):
@@ -74,3 +86,51 @@ def test_bad_input():
         distillation_loss(torch.ones(3, 4, dtype=torch.int64), t)
     with pytest.raises(ValueError, match="alpha"):
         student_loss(s, t, torch.zeros(3, dtype=torch.int64), alpha=1.5)
+
+
+# ---------------------------------------------------------- section 7c's recorded students
+
+def _tiny_experiment():
+    from companion.data import CharCorpus
+
+    corpus = CharCorpus()
+    settings = {**STUDENT_SETTINGS, "block": 16, "n_layer": 1, "n_embd": 16, "val_windows": 8,
+                "dev_windows": 4, "steps": 20, "every": 5, "learning_rates": [1e-3, 3e-3],
+                "seeds": [0, 1], "sizes": [8]}
+    data = student_data(corpus, torch.device("cpu"), settings)
+    cfg = data["config"]
+    teacher = tiny_gpt(cfg.vocab_size, cfg.block_size, n_layer=1, dtype=torch.float32)
+    return teacher, data, settings
+
+
+def test_run_students_grid_then_seeds_and_rerun_matches():
+    teacher, data, settings = _tiny_experiment()
+    assert data["val"][0].shape == (8, 16) and data["dev"][0].shape == (4, 16)
+    grid = run_students(teacher, data, 8, "distilled", settings=settings)
+    assert set(grid["dev"]) == {1e-3, 3e-3} and grid["lr"] == min(grid["dev"], key=grid["dev"].get)
+    assert len(grid["windows"]) == 2 and len(grid["windows"][0]) == 8
+    assert all(s % 5 == 0 and 5 <= s <= 20 for s in grid["steps"])
+    # re-training seed 0 at the chosen rate reproduces the grid's run (the page's check)
+    again = run_students(teacher, data, 8, "distilled", settings=settings, seeds=[0], lr=grid["lr"])
+    assert again["windows"][0] == grid["windows"][0] and again["steps"][0] == grid["steps"][0]
+    # the kept checkpoint's dev loss is the loss of the returned model on the dev text
+    assert mean_loss(grid["models"][0], *data["dev"]) == pytest.approx(grid["dev"][grid["lr"]])
+    with pytest.raises(ValueError, match="method"):
+        run_students(teacher, data, 8, "teacher-only", settings=settings)
+    with pytest.raises(ValueError, match="size"):
+        run_students(teacher, data, 0, "distilled", settings=settings)
+
+
+def test_student_record_matches_settings(tmp_path):
+    record = load_student_record()
+    assert set(record) == {(n, m) for n in STUDENT_SETTINGS["sizes"]
+                           for m in STUDENT_SETTINGS["methods"]}
+    for run in record.values():
+        assert set(run["dev"]) == set(STUDENT_SETTINGS["learning_rates"])
+        assert len(run["windows"]) == len(STUDENT_SETTINGS["seeds"])
+        assert all(len(w) == STUDENT_SETTINGS["val_windows"] for w in run["windows"])
+    raw = json.loads(STUDENT_RECORD.read_text())
+    raw["settings"]["steps"] = 1
+    (tmp_path / "r.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="re-record"):
+        load_student_record(tmp_path / "r.json")

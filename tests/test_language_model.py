@@ -218,6 +218,23 @@ def test_training_learns_the_sorting_task(device):
     assert exact_match_accuracy(model, *eval_batches["val"]) > 0.5
 
 
+def test_validation_only_evaluation_trains_the_same_steps():
+    """Without a "train" batch only the validation loss is recorded; the steps are equal."""
+    task = SortingTask(length=4, num_values=5)
+    val = task.sample(64, torch.Generator().manual_seed(1))
+    histories = []
+    for eval_batches in ({"train": task.sample(64, torch.Generator()), "val": val},
+                         {"val": val}):
+        model = _tiny_gpt(task.vocab_size, task.block_size, dtype=torch.float64)
+        g = torch.Generator().manual_seed(0)
+        histories.append(train_language_model(
+            model, torch.optim.AdamW(model.parameters(), lr=3e-3),
+            lambda g=g: task.sample(16, g), steps=6, eval_every=3, eval_batches=eval_batches))
+    both, val_only = histories
+    assert val_only.train_loss == [] and len(both.train_loss) == 3
+    assert val_only.step_loss == both.step_loss and val_only.val_loss == both.val_loss
+
+
 def test_training_rejects_bad_arguments():
     model = _tiny_gpt(5, 8)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -228,6 +245,9 @@ def test_training_rejects_bad_arguments():
         train_language_model(model, optimizer, None, steps=1, eval_every=0, eval_batches=batches)
     with pytest.raises(ValueError, match="eval_batches"):
         train_language_model(model, optimizer, None, steps=1, eval_every=1, eval_batches={})
+    with pytest.raises(ValueError, match="eval_batches"):
+        train_language_model(model, optimizer, None, steps=1, eval_every=1,
+                             eval_batches={"train": None})
     with pytest.raises(TypeError, match="steps"):
         train_language_model(model, optimizer, None, steps=2.0, eval_every=1, eval_batches=batches)
     with pytest.raises(TypeError, match="eval_every"):
@@ -267,3 +287,23 @@ def test_the_shipped_checkpoint():
     assert abs(pretrained.validation_loss(model, corpus) - documented) < 1e-3
     tail = int(re.search(r"but the last (\d+) characters", doc).group(1))
     assert tail == (len(corpus.val_ids) - 1) % model.config.block_size
+
+
+def test_the_recorded_notebook_run(tmp_path):
+    """Chapter 4's recorded run: its settings, a prefix re-trained here, the loaded model."""
+    model, history = pretrained.load_notebook_gpt(device="cpu")
+    t = pretrained.NOTEBOOK_TRAINING
+    assert len(history.step_loss) == t["steps"] and history.eval_step[-1] == t["steps"]
+    assert model.config.n_embd == pretrained.NOTEBOOK_CONFIG["n_embd"] and not model.training
+    corpus = CharCorpus()
+    _, prefix = pretrained.train_notebook_gpt(corpus, steps=5, device="cpu")
+    # the same arithmetic up to the CPU kernels' rounding (the book measures 1e-3 at most)
+    torch.testing.assert_close(torch.tensor(prefix.step_loss),
+                               torch.tensor(history.step_loss[:5]), rtol=0, atol=1e-3)
+    windows = fixed_windows(corpus.val_ids, 64, num_windows=t["eval_windows"])
+    assert abs(language_model_loss(model, *windows) - history.val_loss[-1]) < 1e-4
+    checkpoint = torch.load(pretrained.NOTEBOOK_RUN, weights_only=True)
+    checkpoint["record"]["settings"] = {**t, "steps": 1}
+    torch.save(checkpoint, tmp_path / "run.pt")
+    with pytest.raises(ValueError, match="re-record"):
+        pretrained.load_notebook_gpt(tmp_path / "run.pt")

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from companion.precision import FORMATS, LossScaler, round_to, underflow_fraction
+from companion.precision import (
+    AUTOCAST_RECORD,
+    AUTOCAST_SETTINGS,
+    FORMATS,
+    LossScaler,
+    autocast_run,
+    load_autocast_record,
+    round_to,
+    underflow_fraction,
+)
 
 LOW = [torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2]
 
@@ -160,3 +171,19 @@ def test_loss_scaler_state_dict_and_errors():
         LossScaler(growth_interval=2.5)
     with pytest.raises(TypeError, match="loss must be a floating-point"):
         s.scale(torch.ones(1, dtype=torch.int64))
+
+
+def test_autocast_record_has_every_run_and_refuses_other_settings(tmp_path):
+    record = load_autocast_record()
+    s = AUTOCAST_SETTINGS
+    assert set(record) == {(p, seed) for p in s["precisions"] for seed in s["seeds"]}
+    for history in record.values():  # evaluated before the first step and after the last
+        assert len(history.step_loss) == s["steps"] and len(history.val_loss) == 2
+        assert history.val_loss[-1] < history.val_loss[0]
+    raw = json.loads(AUTOCAST_RECORD.read_text())
+    raw["settings"]["lr"] = 1.0
+    (tmp_path / "r.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="re-record"):
+        load_autocast_record(tmp_path / "r.json")
+    with pytest.raises(ValueError, match="precision"):
+        autocast_run(None, 0, "float8")
