@@ -1,4 +1,4 @@
-"""Attributions that are computed and then checked (book: chapter 6, "Interpretability").
+r"""Attributions that are computed and then checked (book: chapter 6, "Interpretability").
 
 An *attribution* assigns to every input feature a share of one output of a model.
 This module implements the pieces the chapter derives and tests:
@@ -9,6 +9,11 @@ This module implements the pieces the chapter derives and tests:
   ``captum.attr.IntegratedGradients``.
 * :func:`forward_from_layer` -- a model as a function of one layer's output, to attribute
   to token embeddings (Captum's ``LayerIntegratedGradients``).
+* :func:`token_ablation` and :func:`continuation_integrated_gradients` -- attributions of
+  a generated continuation's log-probability :math:`\sum_j \log p(c_j \mid x, c_{<j})`
+  to the prompt's tokens, the quantities of Captum's ``LLMAttribution`` and
+  ``LLMGradientAttribution`` (:class:`CaptumTokenizer` lets those run on the book's
+  character tokenizer).
 * :func:`shapley_values` -- exact Shapley values of a few feature groups, by enumerating
   every coalition: the quantity that SHAP :cite:p:`lundberg2017unified` estimates.
 * :func:`perturbation_curve` -- deletion and insertion curves
@@ -31,9 +36,11 @@ and :func:`companion.plotting.show_text_attribution`.
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -63,6 +70,18 @@ __all__ = [
     "integrated_gradients",
     "forward_from_layer",
     "shapley_values",
+    "continuation_log_probs",
+    "token_ablation",
+    "continuation_integrated_gradients",
+    "CaptumTokenizer",
+    "TEXT_DELETION",
+    "TEXT_DELETION_RECORD",
+    "embedding_ig",
+    "deletion_windows",
+    "text_orderings",
+    "deletion_study",
+    "record_text_deletion",
+    "load_text_deletion",
     "PerturbationCurve",
     "perturbation_curve",
     "rank_correlation",
@@ -355,6 +374,234 @@ def perturbation_curve(forward_func: Callable[[Tensor], Tensor], inputs: Tensor,
     return PerturbationCurve(mode, counts.to(scores.dtype) / n_features, scores)
 
 
+# --------------------------------------------------------------------------- generated text
+
+
+def continuation_log_probs(logits_func: Callable[[Tensor], Tensor], prompts: Tensor,
+                           continuation: Tensor) -> Tensor:
+    r"""``(B, C)``: :math:`\log p(c_j \mid \text{prompt}_b, c_{<j})` for every prompt row.
+
+    The continuation ``(C,)`` is appended to each prompt of ``prompts (B, P)`` and scored
+    in one teacher-forced pass of ``logits_func`` (ids ``(B, L)`` to logits ``(B, L, V)``),
+    as Captum's ``LLMAttribution`` does with ``forward_in_tokens=False``.
+    Book: chapter 6, "Captum for language models".
+    """
+    check_callable("logits_func", logits_func)
+    prompts = check_batch("prompts", prompts, floating=False)
+    continuation = _check_ids("continuation", continuation)
+    if prompts.dim() != 2 or prompts.shape[1] == 0:
+        raise ValueError(f"prompts must be (B, P) ids with P >= 1, got {tuple(prompts.shape)}")
+    n_prompt, n_new = prompts.shape[1], len(continuation)
+    ids = torch.cat([prompts, continuation.to(prompts.device).expand(len(prompts), -1)], 1)
+    logits = logits_func(ids)[:, n_prompt - 1 : n_prompt - 1 + n_new]  # (B, C, V)
+    picked = continuation.to(logits.device).expand(len(prompts), -1)[..., None]
+    return logits.log_softmax(-1).gather(-1, picked)[..., 0]
+
+
+def token_ablation(logits_func: Callable[[Tensor], Tensor], prompt: Tensor,
+                   continuation: Tensor, baseline: int) -> Tensor:
+    r"""Leave-one-token-out attributions of a continuation, ``(1 + C, P)``.
+
+    Entry :math:`(1 + j, i)` is :math:`\log p(c_j \mid \ldots) - \log p(c_j \mid \ldots)`
+    with prompt token :math:`i` replaced by ``baseline``; row 0 is their sum over
+    :math:`j`, the change of the continuation's log-probability. This is the layout of
+    Captum's ``LLMAttribution(FeatureAblation(...))``: ``seq_attr`` is row 0, ``token_attr``
+    the rest. All :math:`P + 1` prompts go through ``logits_func`` as one batch.
+    Book: chapter 6, "Captum for language models".
+    """
+    prompt = _check_ids("prompt", prompt)
+    if not is_integer(baseline):
+        raise TypeError(f"baseline must be a token id (int), got {type(baseline).__name__}")
+    positions = torch.arange(len(prompt), device=prompt.device)
+    ablated = prompt.repeat(len(prompt) + 1, 1)  # (1 + P, P): row 0 intact
+    ablated[positions + 1, positions] = int(baseline)
+    log_probs = continuation_log_probs(logits_func, ablated, continuation)  # (1 + P, C)
+    per_token = (log_probs[0] - log_probs[1:]).T  # (C, P)
+    return torch.cat([per_token.sum(0, keepdim=True), per_token])
+
+
+def continuation_integrated_gradients(logits_func: Callable[[Tensor], Tensor],
+                                      embedding: nn.Module, prompt: Tensor,
+                                      continuation: Tensor, baseline: int,
+                                      n_steps: int = 50,
+                                      method: str = "gausslegendre") -> Tensor:
+    r"""IG of each generated token's log-probability on the prompt's embeddings, ``(C, P)``.
+
+    For token :math:`c_j` the input is the prompt followed by :math:`c_{<j}`; the path
+    runs from the embeddings of ``baseline`` at every prompt position (the continuation
+    kept) to those of the input, and the attribution of a prompt token is the sum over
+    its embedding dimensions. This is what Captum's
+    ``LLMGradientAttribution(LayerIntegratedGradients(model, embedding))`` computes,
+    with :func:`integrated_gradients` and :func:`forward_from_layer`.
+    Book: chapter 6, "Captum for language models".
+    """
+    prompt = _check_ids("prompt", prompt)
+    continuation = _check_ids("continuation", continuation).to(prompt.device)
+    if not is_integer(baseline):
+        raise TypeError(f"baseline must be a token id (int), got {type(baseline).__name__}")
+    rows = []
+    for j in range(len(continuation)):
+        ids = torch.cat([prompt, continuation[:j]])[None]  # (1, P + j)
+        start = torch.cat([torch.full_like(prompt, int(baseline)), continuation[:j]])[None]
+
+        def log_probs(ids_):
+            return logits_func(ids_)[:, -1].log_softmax(-1)
+
+        attributions = integrated_gradients(
+            forward_from_layer(log_probs, embedding, ids), embedding(ids).detach(),
+            embedding(start).detach(), target=continuation[j : j + 1], n_steps=n_steps,
+            method=method)  # (1, P + j, d)
+        rows.append(attributions[0, : len(prompt)].sum(-1))
+    return torch.stack(rows)
+
+
+class CaptumTokenizer:
+    """A character tokenizer with the Hugging Face methods Captum's LLM classes call.
+
+    ``TextTokenInput``, ``LLMAttribution`` and ``LLMGradientAttribution`` encode text,
+    decode ids, convert between ids and tokens and ask for character offsets; this
+    adapter answers those calls for :class:`companion.data.CharTokenizer`, which has no
+    special tokens. Book: chapter 6, "Captum for language models".
+    """
+
+    def __init__(self, tokenizer):
+        if not (hasattr(tokenizer, "stoi") and hasattr(tokenizer, "itos")):
+            raise TypeError("tokenizer must be a CharTokenizer (with stoi and itos), got "
+                            f"{type(tokenizer).__name__}")
+        self.tokenizer = tokenizer
+
+    def encode(self, text: str, add_special_tokens: bool = True, return_tensors=None):
+        ids = self.tokenizer.encode(text)
+        return ids[None] if return_tensors == "pt" else ids.tolist()
+
+    def decode(self, ids, **kwargs) -> str:
+        return self.tokenizer.decode(ids)
+
+    def __call__(self, text: str, return_offsets_mapping: bool = False, **kwargs) -> dict:
+        encoded = {"input_ids": self.encode(text)}
+        if return_offsets_mapping:
+            encoded["offset_mapping"] = [(i, i + 1) for i in range(len(text))]
+        return encoded
+
+    def convert_ids_to_tokens(self, ids) -> list[str]:
+        return [self.tokenizer.itos[i] for i in torch.as_tensor(ids).flatten().tolist()]
+
+    def convert_tokens_to_ids(self, tokens) -> list[int]:
+        return [self.tokenizer.stoi[token] for token in tokens]
+
+
+# ------------------------------------------------------------ section 6b's deletion test
+
+#: Section 6b's deletion test: windows of the validation text, IG against spaces with
+#: Gauss-Legendre steps, points per curve, draws of random replacement characters.
+TEXT_DELETION = {"n_windows": 24, "length": 64, "n_steps": 32, "n_points": 17, "n_draws": 2}
+
+#: Where the recorded deletion test lies (see :func:`record_text_deletion`).
+TEXT_DELETION_RECORD = Path(__file__).resolve().parent / "assets" / "text_deletion.json"
+
+
+def embedding_ig(next_logits: Callable[[Tensor], Tensor], embedding: nn.Module, ids: Tensor,
+                 baseline: int, target, n_steps: int = 32) -> Tensor:
+    """IG of ``next_logits(ids)[target]`` per token, ``(B, T)``, against all-``baseline`` ids.
+
+    The path runs on the token embeddings (:func:`forward_from_layer`) with Gauss-Legendre
+    steps; each token's attribution is the sum over its embedding dimensions.
+    """
+    return integrated_gradients(
+        forward_from_layer(next_logits, embedding, ids), embedding(ids).detach(),
+        embedding(torch.full_like(ids, baseline)).detach(), target=target, n_steps=n_steps,
+        method="gausslegendre").sum(-1)
+
+
+def deletion_windows(validation: Tensor, space: int, n_windows: int = 24, length: int = 64,
+                     n_draws: int = 2) -> tuple[Tensor, list[Tensor]]:
+    """``n_windows`` windows ``(N, length)`` spaced evenly over ``validation``, and
+    ``n_draws`` texts of the same shape of its non-space characters drawn at random (seed 0).
+    """
+    starts = torch.linspace(0, len(validation) - length - 1, n_windows).long()
+    sample = validation[starts[:, None] + torch.arange(length)]  # (N, length)
+    non_space = validation[validation != space]
+    draws = torch.Generator().manual_seed(0)
+    return sample, [non_space[torch.randint(len(non_space), sample.shape, generator=draws)]
+                    for _ in range(n_draws)]
+
+
+def text_orderings(model: nn.Module, sample: Tensor, ig: Tensor) -> dict[str, Tensor]:
+    """The rankings section 6b tests, each ``(N, T)``: IG, the last layer's attention of the
+    last position (mean over heads), rollout, recency and a random ranking (seed 0)."""
+    maps = model.attention_maps(sample)
+    n_windows, length = sample.shape
+    return {"IG": ig,
+            "attention, last layer": maps[-1].mean(1)[:, -1, :],
+            "attention rollout": attention_rollout(maps)[:, -1, :],
+            "recency": torch.arange(length, dtype=torch.float32,
+                                    device=sample.device).expand(n_windows, length),
+            "random": torch.rand(n_windows, length, generator=torch.Generator().manual_seed(0)
+                                 ).to(sample.device)}
+
+
+def deletion_study(forward_func: Callable[[Tensor], Tensor], inputs: Tensor,
+                   orderings: dict[str, Tensor], target, replacements: dict,
+                   n_points: int | None = None) -> dict[str, dict[str, PerturbationCurve]]:
+    """Deletion curves ``{replacement: {ordering: curve}}`` of every ordering under every
+    replacement (a token id or ids shaped like ``inputs``), by :func:`perturbation_curve`."""
+    return {how: {name: perturbation_curve(forward_func, inputs, scores, target,
+                                           baselines=baseline, n_points=n_points)
+                  for name, scores in orderings.items()}
+            for how, baseline in replacements.items()}
+
+
+def record_text_deletion(path: str | Path = TEXT_DELETION_RECORD) -> dict:
+    """Run section 6b's deletion test in full (:data:`TEXT_DELETION`) and write it as JSON.
+
+    Loads the pretrained GPT on the CPU, attributes every window with :func:`embedding_ig`
+    and records IG and every curve's scores; tens of seconds of CPU time, so the book
+    reads the record (:func:`load_text_deletion`) and re-computes its first windows to
+    check it. Returns what was written.
+    """
+    from companion.pretrained import load_pretrained_gpt
+
+    model, corpus = load_pretrained_gpt("cpu")
+    s, space = TEXT_DELETION, corpus.tokenizer.stoi[" "]
+    sample, texts = deletion_windows(corpus.val_ids, space, s["n_windows"], s["length"],
+                                     s["n_draws"])
+
+    def next_logits(ids):
+        return model(ids)[0][:, -1, :]
+
+    with torch.no_grad():
+        target = next_logits(sample).argmax(-1)
+    ig = embedding_ig(next_logits, model.token_embedding, sample, space, target, s["n_steps"])
+    replacements = {"spaces": space} | {f"random {k}": t for k, t in enumerate(texts)}
+    study = deletion_study(lambda ids: next_logits(ids).softmax(-1), sample,
+                           text_orderings(model, sample, ig), target, replacements,
+                           s["n_points"])
+    record = {"what": "section 6b's deletion test (companion.interpret.record_text_deletion)",
+              "torch": torch.__version__, "settings": s, "ig": ig.tolist(),
+              "scores": {how: {name: curve.scores.tolist() for name, curve in curves.items()}
+                         for how, curves in study.items()}}
+    Path(path).write_text(json.dumps(record, separators=(",", ":")) + "\n")
+    return record
+
+
+def load_text_deletion(path: str | Path = TEXT_DELETION_RECORD
+                       ) -> tuple[Tensor, dict[str, dict[str, PerturbationCurve]]]:
+    """The recorded deletion test: IG ``(N, T)`` and ``{replacement: {ordering: curve}}``.
+
+    Raises ``ValueError`` if it was recorded with other settings than :data:`TEXT_DELETION`.
+    """
+    record = json.loads(Path(path).read_text())
+    if record["settings"] != TEXT_DELETION:
+        raise ValueError(f"{path} was recorded with {record['settings']}, not "
+                         f"{TEXT_DELETION}: re-record it with record_text_deletion()")
+    s = TEXT_DELETION
+    fractions = _feature_counts(s["n_points"], s["length"], "cpu").double() / s["length"]
+    study = {how: {name: PerturbationCurve("deletion", fractions.float(), torch.tensor(scores))
+                   for name, scores in curves.items()}
+             for how, curves in record["scores"].items()}
+    return torch.tensor(record["ig"]), study
+
+
 # --------------------------------------------------------------------------- randomisation check
 
 
@@ -558,3 +805,13 @@ def _check_residual_weight(residual_weight) -> float:
     if not 0.0 <= residual_weight <= 1.0:
         raise ValueError(f"residual_weight must be in [0, 1], got {residual_weight}")
     return float(residual_weight)
+
+
+def _check_ids(name: str, ids) -> Tensor:
+    """A non-empty 1-D integer tensor of token ids."""
+    if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must be a 1-D integer tensor of token ids, got "
+                        f"{type(ids).__name__ if not isinstance(ids, Tensor) else ids.dtype}")
+    if ids.dim() != 1 or len(ids) == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D tensor, got shape {tuple(ids.shape)}")
+    return ids

@@ -557,6 +557,26 @@ class GPT(nn.Module):
         return [KVCache(batch_size, c.n_head, c.block_size, c.n_embd // c.n_head,
                         device=weight.device, dtype=weight.dtype) for _ in range(c.n_layer)]
 
+    def to_hf(self):
+        """This model as a ``transformers.GPT2LMHeadModel`` with equal logits.
+
+        Same weights, dtype, device and mode; see :func:`companion.compat.gpt_to_hf`.
+        Book: "LLM evaluation" (chapter 5), where lm-eval runs on the converted model.
+        """
+        from companion.compat import gpt_to_hf
+
+        return gpt_to_hf(self)
+
+    @classmethod
+    def from_hf(cls, model) -> GPT:
+        """A ``transformers.GPT2LMHeadModel`` as a :class:`GPT` with equal logits.
+
+        The inverse of :meth:`to_hf`; see :func:`companion.compat.gpt_from_hf`.
+        """
+        from companion.compat import gpt_from_hf
+
+        return gpt_from_hf(model)
+
     @torch.no_grad()
     def attention_maps(self, idx: torch.Tensor) -> list[torch.Tensor]:
         """The causal attention weights of every layer: a list of ``(B, n_head, T, T)``.
