@@ -279,7 +279,7 @@ def flag_top(scores: torch.Tensor, fraction: float) -> torch.Tensor:
 
 # ------------------------------------------------- the experiments of section 13b
 
-#: Settings of every model the section trains: chapter 2's MLP (64-128-64-10, ReLU) with
+#: Settings of every model the section trains -- chapter 2's MLP (64-128-64-10, ReLU) with
 #: Adam, one budget for all (epochs, batch size, the learning-rate grid), PGD-5 at
 #: ``eps`` for adversarial training, PGD-10 with ``alpha = eps / 4`` for evaluation.
 BOOK_SETTINGS = {"sizes": [64, 128, 64, 10], "epochs": 15, "batch_size": 32,

@@ -15,7 +15,7 @@ Compute is matched by counting it: :func:`train_flops_per_step` counts the float
 operations of one training step (forward and backward, ``torch.utils.flop_counter``);
 a model with a larger vocabulary pays more for its output layer per step, so it gets
 proportionally fewer steps (:func:`equal_compute_steps`). Each tokenization is trained with
-the recipe of :func:`companion.decoder.train_comparison_run` (AdamW, warm-up, cosine decay)
+the recipe of ``companion.decoder.train_comparison_run`` (AdamW, warm-up, cosine decay)
 at every rate of one grid with seed 0; the rate with the lowest dev loss then runs
 seeds 1 and 2. ``python -m companion.tokens_vs_chars --record`` writes the runs to
 ``assets/tokens_vs_chars.json``; the book re-trains a cheap prefix and checks it.
@@ -40,10 +40,10 @@ __all__ = ["TOKENS_VS_CHARS", "TOKENS_VS_CHARS_RECORD", "token_byte_lengths",
            "tokenization_data", "tokenization_model", "tokenization_run",
            "record_tokens_vs_chars", "load_tokens_vs_chars", "best_learning_rates"]
 
-#: The experiment: chapter 4's GPT (``n_layer`` blocks of width ``n_embd``, ``block``
+#: The experiment -- chapter 4's GPT (``n_layer`` blocks of width ``n_embd``, ``block``
 #: positions) on characters and on BPE tokens of ``bpe_vocab`` ids learned from the
 #: training text; the character model trains ``char_steps`` steps, the others as many
-#: FLOPs. Batch, warm-up, schedule and evaluation: :data:`companion.decoder.COMPARISON`.
+#: FLOPs. Batch, warm-up, schedule and evaluation: ``companion.decoder.COMPARISON``.
 TOKENS_VS_CHARS = {"kinds": ["char", "bpe512"], "bpe_vocab": {"bpe512": 512},
                    "char_steps": 400, "block": 64, "n_layer": 2, "n_head": 4,
                    "n_embd": 64, "lr_grid": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], "seeds": [0, 1, 2],
@@ -122,7 +122,7 @@ def equal_compute_steps(reference_steps: int, reference_flops: int, flops: int) 
 def tokenization_data(kind: str):
     """``(tokenizer, train_ids, dev, val, val_ids)`` for ``kind`` (``"char"`` or a key of
     ``TOKENS_VS_CHARS["bpe_vocab"]``): the same text spans as the block comparison of
-    :func:`companion.decoder.comparison_data` -- training text, dev text (its last
+    ``companion.decoder.comparison_data`` -- training text, dev text (its last
     windows, held out) and validation text -- encoded by characters or by BPE learned
     from the training text alone. ``dev`` and ``val`` are ``(x, y)`` windows."""
     from .decoder import COMPARISON, comparison_data
@@ -174,7 +174,7 @@ def tokenization_run(kind: str, lr: float, seed: int, steps: int | None = None,
     steps (the schedule spans those; a smaller ``steps`` trains a prefix of the same run).
 
     Returns the dev and validation losses (nats per token) every ``eval_every`` steps of
-    :data:`~companion.decoder.COMPARISON`, the FLOPs per step, and the bits per byte on
+    ``companion.decoder.COMPARISON``, the FLOPs per step, and the bits per byte on
     the whole validation text and on the first ``train_windows`` windows of the training
     text; with ``keep_model``, also the trained model under ``"model"``.
     """
