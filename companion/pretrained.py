@@ -156,9 +156,9 @@ def load_pretrained_gpt(device=None) -> tuple[GPT, CharCorpus]:
 
 # ------------------------------------------------- chapter 4's first run: the notebook GPT
 
-#: The notebook GPT: 2 blocks of width 64, 4 heads, 64 characters (``vocab_size``: the corpus').
+#: The notebook GPT -- 2 blocks of width 64, 4 heads, 64 characters (``vocab_size``: the corpus').
 NOTEBOOK_CONFIG = {"block_size": 64, "n_layer": 2, "n_head": 4, "n_embd": 64}
-#: Its training: AdamW (decay on every parameter), warm-up then cosine to a tenth.
+#: Its training -- AdamW (decay on every parameter), warm-up then cosine to a tenth.
 NOTEBOOK_TRAINING = {"seed": 0, "steps": 300, "batch_size": 32, "learning_rate": 5e-3,
                      "weight_decay": 0.1, "warmup_steps": 30, "min_lr_ratio": 0.1,
                      "eval_every": 50, "eval_windows": 32}
