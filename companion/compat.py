@@ -190,7 +190,7 @@ def gpt_from_hf(model):
 
     The inverse of :func:`gpt_to_hf` (learned positions; GELU and LayerNorm eps
     taken from the config). Refuses untied heads and the settings the GPT does not
-    compute (:func:`_check_convertible`); a pretrained GPT-2 (``gelu_new``) converts.
+    compute (``_check_convertible``); a pretrained GPT-2 (``gelu_new``) converts.
     """
     transformers = require("transformers")
     check_type("model", model, transformers.GPT2LMHeadModel)

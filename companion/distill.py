@@ -70,7 +70,7 @@ def student_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 # ------------------------------------------------------------ section 7c's student runs
 
-#: The settings of section 7c's students: the teacher's architecture, smaller; the last
+#: The settings of section 7c's students -- the teacher's architecture, smaller; the last
 #: ``dev_windows`` windows of the training text for early stopping; the grid of rates.
 STUDENT_SETTINGS = {
     "block": 64, "n_layer": 2, "n_head": 2, "n_embd": 64, "val_windows": 128,

@@ -492,7 +492,7 @@ class CaptumTokenizer:
 
 # ------------------------------------------------------------ section 6b's deletion test
 
-#: Section 6b's deletion test: windows of the validation text, IG against spaces with
+#: Section 6b's deletion test -- windows of the validation text, IG against spaces with
 #: Gauss-Legendre steps, points per curve, draws of random replacement characters.
 TEXT_DELETION = {"n_windows": 24, "length": 64, "n_steps": 32, "n_points": 17, "n_draws": 2}
 

@@ -214,7 +214,7 @@ class LossScaler:
 
 # ------------------------------------------------- section "Training in bfloat16": the runs
 
-#: The runs of section "Training in bfloat16 on the CPU": chapter 4's notebook GPT shape,
+#: The runs of section "Training in bfloat16 on the CPU" -- chapter 4's notebook GPT shape,
 #: 80 AdamW steps of 8 windows, scored on 64 validation windows; both precisions, 3 seeds.
 AUTOCAST_SETTINGS = {"block_size": 64, "n_layer": 2, "n_head": 4, "n_embd": 64,
                      "steps": 80, "batch_size": 8, "lr": 1e-3, "val_windows": 64,
