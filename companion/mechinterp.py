@@ -169,13 +169,17 @@ def repeated_random_tokens(batch_size: int, length: int, vocab_size: int,
     return torch.cat([first, first], dim=1)
 
 
-def induction_scores(model: GPT, idx: torch.Tensor, length: int) -> torch.Tensor:
-    """Mean attention from each position ``i`` of the repeat (``length <= i < 2 length``)
-    to ``i - length + 1``, the token after the previous occurrence: ``(L, n_head)``."""
+def _check_repeat(idx: torch.Tensor, length: int) -> None:
     check_int("length", length, low=1)
     if idx.size(1) != 2 * length:
         raise ValueError(f"idx must have 2 * length = {2 * length} positions, "
                          f"got {idx.size(1)}")
+
+
+def induction_scores(model: GPT, idx: torch.Tensor, length: int) -> torch.Tensor:
+    """Mean attention from each position ``i`` of the repeat (``length <= i < 2 length``)
+    to ``i - length + 1``, the token after the previous occurrence: ``(L, n_head)``."""
+    _check_repeat(idx, length)
     i = torch.arange(length, 2 * length)
     maps = model.attention_maps(idx)  # L x (B, nh, T, T)
     return torch.stack([m[:, :, i, i - length + 1].mean(dim=(0, 2)) for m in maps])
@@ -191,6 +195,7 @@ def token_losses(model: GPT, idx: torch.Tensor) -> torch.Tensor:
 def in_context_gain(model: GPT, idx: torch.Tensor, length: int) -> float:
     """Mean loss on the first copy minus on the repeat (tokens 1 .. length-1 of each):
     near zero without in-context copying, up to ``log V`` with perfect copying."""
+    _check_repeat(idx, length)
     losses = token_losses(model, idx)  # (B, 2 length - 1)
     return float(losses[:, :length - 1].mean() - losses[:, length:].mean())
 
@@ -320,8 +325,8 @@ def sae_statistics(sae: SparseAutoencoder, x: torch.Tensor) -> dict[str, float]:
     total = (x - x.mean(0)).pow(2).sum()
     active = f > 0
     return {"explained_variance": float(1 - residual / total),
-            "l0": float(active.sum(1).float().mean()),
-            "dead_fraction": float((~active.any(0)).float().mean())}
+            "l0": float(active.sum(1).double().mean()),
+            "dead_fraction": float((~active.any(0)).double().mean())}
 
 
 # --------------------------------------------------------------------------- a toy induction model
@@ -426,6 +431,7 @@ def induction_eval_ids() -> torch.Tensor:
 def copy_losses(model: GPT, idx: torch.Tensor, length: int) -> tuple[float, float]:
     """Mean next-token loss on the first copy and on the repeat of ``idx``
     (``(B, 2 length)``), tokens 1 .. length-1 of each: the terms of :func:`in_context_gain`."""
+    _check_repeat(idx, length)
     losses = token_losses(model, idx)  # (B, 2 length - 1)
     return float(losses[:, :length - 1].mean()), float(losses[:, length:].mean())
 

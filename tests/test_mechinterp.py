@@ -173,6 +173,8 @@ def test_token_losses_and_in_context_gain(model):
     torch.testing.assert_close(losses, expected, rtol=0, atol=1e-12)
     gain = in_context_gain(model, idx, 4)
     assert gain == pytest.approx(float(losses[:, :3].mean() - losses[:, 4:].mean()))
+    with pytest.raises(ValueError, match="2 \\* length"):
+        in_context_gain(model, idx, 3)
 
 
 def test_bracket_labels():
@@ -223,6 +225,25 @@ def test_sae_forward_equals_the_float64_formula():
     expected = float(((x - x_hat) ** 2).sum()) / 7 + 0.5 * penalty / 7
     with torch.no_grad():
         assert float(sae_loss(sae, x, 0.5)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_sae_statistics_by_hand():
+    torch.manual_seed(1)
+    sae = SparseAutoencoder(4, 6).double()
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.tensor([-9.0, 0, 0, 0, 0, -9.0]))  # features 0, 5 dead
+    x = torch.randn(20, 4, dtype=torch.float64)
+    x_hat, f = sae(x)
+    rows = x.tolist()
+    mean = [sum(r[i] for r in rows) / 20 for i in range(4)]
+    total = sum((r[i] - mean[i]) ** 2 for r in rows for i in range(4))
+    residual = sum((a - b) ** 2 for r, h in zip(rows, x_hat.tolist()) for a, b in zip(r, h))
+    active = [[v > 0 for v in row] for row in f.tolist()]
+    stats = sae_statistics(sae, x)
+    assert stats["explained_variance"] == pytest.approx(1 - residual / total, rel=1e-12)
+    assert stats["l0"] == pytest.approx(sum(map(sum, active)) / 20, rel=1e-12)
+    dead = sum(not any(row[j] for row in active) for j in range(6)) / 6
+    assert dead >= 2 / 6 and stats["dead_fraction"] == pytest.approx(dead, rel=1e-12)
 
 
 def test_sae_trains_to_reconstruct_sparse_data():
