@@ -29,8 +29,6 @@ everything in the input's dtype.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from companion._validate import check_int, check_tensor, check_type
+from companion.records import load_record, record_main, write_record
 from companion.transformer import KVCache, causal_mask
 
 __all__ = ["RMSNorm", "rope_tables", "apply_rope", "apply_rope_complex",
@@ -678,28 +677,13 @@ def record_block_comparison(path: str | Path = BLOCK_COMPARISON_RECORD, log=prin
         best = min(grid, key=lambda r: r["dev"][-1] if math.isfinite(r["dev"][-1]) else math.inf)
         for seed in c["seeds"][1:]:
             run(arm, best["lr"], seed)
-    record = {"what": "chapter 4's GPT block vs the modern decoder, same parameters and "
-                      "tokens (companion.decoder.record_block_comparison)",
-              "torch": torch.__version__, "settings": {k: list(v) if isinstance(v, tuple) else v
-                                                       for k, v in c.items()},
-              "runs": runs}
-    Path(path).write_text(json.dumps(record, separators=(",", ":")) + "\n")
-    return record
-
-
-def _load_record(path: str | Path, settings: dict, name: str) -> dict:
-    """A JSON record; ``ValueError`` if it was made with other settings than ``settings``."""
-    record = json.loads(Path(path).read_text())
-    expected = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
-    if record["settings"] != expected:
-        raise ValueError(f"{path} was recorded with {record['settings']}, not {expected}: "
-                         f"re-record it with python -m companion.decoder --record {name}")
-    return record
+    return write_record(path, "chapter 4's GPT block vs the modern decoder, same parameters "
+                        "and tokens (companion.decoder.record_block_comparison)", c, runs=runs)
 
 
 def load_block_comparison(path: str | Path = BLOCK_COMPARISON_RECORD) -> dict:
     """The recorded comparison; raises ``ValueError`` if its settings are not the book's."""
-    return _load_record(path, COMPARISON, "block-comparison")
+    return load_record(path, COMPARISON, "python -m companion.decoder --record block-comparison")
 
 
 # --------------------------------------------------------------------------- a scaling sweep
@@ -737,34 +721,21 @@ def record_scaling_sweep(path: str | Path = SCALING_SWEEP_RECORD, log=print) -> 
             runs.append({"dim": dim, "steps": steps, "N": n, "D": steps * tokens_per_step,
                          **out})
             log(f"dim {dim} (N={n}) steps {steps}: val {out['val'][-1]:.4f}")
-    record = {"what": "final validation losses of a sweep of decoders "
-                      "(companion.decoder.record_scaling_sweep)",
-              "torch": torch.__version__,
-              "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in SWEEP.items()},
-              "runs": runs}
-    Path(path).write_text(json.dumps(record, separators=(",", ":")) + "\n")
-    return record
+    return write_record(path, "final validation losses of a sweep of decoders "
+                        "(companion.decoder.record_scaling_sweep)", SWEEP, runs=runs)
 
 
 def load_scaling_sweep(path: str | Path = SCALING_SWEEP_RECORD) -> dict:
     """The recorded sweep; raises ``ValueError`` if its settings are not the book's."""
-    return _load_record(path, SWEEP, "scaling-sweep")
+    return load_record(path, SWEEP, "python -m companion.decoder --record scaling-sweep")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m companion.decoder",
-                                     description="Record the chapter's long training runs.")
-    parser.add_argument("--record", choices=["block-comparison", "scaling-sweep"],
-                        required=True)
-    parser.add_argument("--out", default=None, help="where to write the JSON record")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    log = lambda s: print(s, flush=True)  # noqa: E731
-    if args.record == "block-comparison":
-        record_block_comparison(args.out or BLOCK_COMPARISON_RECORD, log=log)
-    else:
-        record_scaling_sweep(args.out or SCALING_SWEEP_RECORD, log=log)
-    return 0
+    """``python -m companion.decoder --record block-comparison|scaling-sweep [--out PATH]``."""
+    return record_main("python -m companion.decoder",
+                       {"block-comparison": record_block_comparison,
+                        "scaling-sweep": record_scaling_sweep}, argv,
+                       description="Record the chapter's long training runs.", threads=1)
 
 
 if __name__ == "__main__":

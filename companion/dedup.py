@@ -43,6 +43,7 @@ import numpy as np
 from scipy.integrate import quad
 
 from ._validate import check_float, check_int, check_type
+from .records import JOBS_OPTION, load_record, record_main, write_record
 
 __all__ = ["split_documents", "normalize", "clean_documents", "CleaningReport",
            "exact_duplicates", "shingles", "jaccard", "MinHasher", "estimate_jaccard",
@@ -403,34 +404,27 @@ def _memorization_task(task: tuple[str, int, float, int]) -> dict:
     return memorization_run(docs, corpus, seed, steps=steps, lr=lr)
 
 
-def record_memorization(seeds=(0, 1, 2), jobs: int = 1, path: Path = MEMORIZATION_RECORD):
+def record_memorization(seeds=(0, 1, 2), jobs: int = 1, path: Path = MEMORIZATION_RECORD,
+                        log=print):
     """Run :func:`memorization_run` for each of :data:`MEMORIZATION_CONFIGS`, learning
     rate of the grid and seed (one CPU thread per run, ``jobs`` runs at a time) and write
     the results to ``path`` as JSON."""
-    import json
     from concurrent.futures import ProcessPoolExecutor
-
-    import torch
 
     tasks = [(corpus, steps, lr, seed) for corpus, steps in MEMORIZATION_CONFIGS
              for lr in MEMORIZATION_SETTINGS["lrs"] for seed in seeds]
     with ProcessPoolExecutor(check_int("jobs", jobs, 1)) as pool:
         runs = list(pool.map(_memorization_task, tasks))
-    record = {"settings": MEMORIZATION_SETTINGS, "torch": torch.__version__, "runs": runs}
-    Path(path).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    return record
+    for run in runs:
+        log({k: v for k, v in run.items() if k != "step_loss"})
+    return write_record(path, "chapter 4's memorisation runs (companion.dedup.record_memorization)",
+                        MEMORIZATION_SETTINGS, indent=1, runs=runs)
 
 
 def load_memorization_record(path: Path = MEMORIZATION_RECORD) -> dict:
     """The recorded runs as ``{(corpus, steps, lr, seed): run}``; refuses a record made
     with other settings than :data:`MEMORIZATION_SETTINGS`."""
-    import json
-
-    record = json.loads(Path(path).read_text(encoding="utf-8"))
-    if record["settings"] != MEMORIZATION_SETTINGS:
-        raise ValueError(f"{Path(path).name} was recorded with settings {record['settings']}, "
-                         f"not {MEMORIZATION_SETTINGS}: re-record it with "
-                         f"`python -m companion.dedup --record`")
+    record = load_record(path, MEMORIZATION_SETTINGS, "`python -m companion.dedup --record`")
     return {(run["corpus"], run["steps"], run["lr"], run["seed"]): run
             for run in record["runs"]}
 
@@ -450,20 +444,11 @@ def best_memorization_runs(record: dict) -> dict:
     return best
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     """``python -m companion.dedup --record [--jobs N]``: re-record the duplication
     experiment of chapter 4 (minutes on a CPU)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--record", action="store_true", help="run and write the record")
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel")
-    args = parser.parse_args(argv)
-    if not args.record:
-        parser.error("nothing to do: pass --record")
-    record = record_memorization(jobs=args.jobs)
-    for run in record["runs"]:
-        print({k: v for k, v in run.items() if k != "step_loss"})
+    return record_main("python -m companion.dedup", {"memorization": record_memorization},
+                       argv, description=main.__doc__, options={"--jobs": JOBS_OPTION})
 
 
 if __name__ == "__main__":

@@ -22,9 +22,7 @@ against the record (:func:`load_student_record`).
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import math
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from torch import nn
 
 from ._validate import check_float, check_int, check_tensor
 from .device import seed_everything
+from .records import load_record, record_main, write_record
 from .train import fixed_windows
 from .transformer import GPT, GPTConfig
 
@@ -186,7 +185,7 @@ def run_students(teacher: nn.Module, data: dict, size: int, method: str, *,
             "models": [s[0] for s in students]}
 
 
-def record_students(path: str | Path = STUDENT_RECORD) -> dict:
+def record_students(path: str | Path = STUDENT_RECORD, log=print) -> dict:
     """Run section 7c's whole grid on the CPU and write it to ``path`` as JSON."""
     from .pretrained import load_pretrained_gpt  # the teacher
 
@@ -199,31 +198,23 @@ def record_students(path: str | Path = STUDENT_RECORD) -> dict:
             run.pop("models")
             runs.append({"size": size, "method": method, **run,
                          "dev": [[rate, loss] for rate, loss in run["dev"].items()]})
-    record = {"what": "section 7c's students (companion.distill.record_students)",
-              "settings": STUDENT_SETTINGS, "torch": torch.__version__, "runs": runs}
-    Path(path).write_text(json.dumps(record, indent=0) + "\n", encoding="utf-8")
-    return record
+            log(f"{size} {method} {run['lr']} {run['steps']}")
+    return write_record(path, "section 7c's students (companion.distill.record_students)",
+                        STUDENT_SETTINGS, indent=0, runs=runs)
 
 
 def load_student_record(path: str | Path = STUDENT_RECORD) -> dict:
     """The recorded grid as ``{(size, method): run}`` (see :func:`run_students`, without
     the models); refuses a record made with other settings than ``STUDENT_SETTINGS``."""
-    record = json.loads(Path(path).read_text(encoding="utf-8"))
-    if record["settings"] != STUDENT_SETTINGS:
-        raise ValueError(f"{Path(path).name} was recorded with {record['settings']}, not "
-                         f"{STUDENT_SETTINGS}: re-record it (python -m companion.distill --record)")
+    record = load_record(path, STUDENT_SETTINGS, "python -m companion.distill --record")
     return {(run["size"], run["method"]): {**run, "dev": dict(map(tuple, run["dev"]))}
             for run in record["runs"]}
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     """``python -m companion.distill --record``: re-record section 7c's students."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--record", action="store_true", help="run and write the record")
-    if not parser.parse_args(argv).record:
-        parser.error("nothing to do: pass --record")
-    for run in record_students()["runs"]:
-        print(run["size"], run["method"], run["lr"], run["steps"])
+    return record_main("python -m companion.distill", {"students": record_students}, argv,
+                       description=main.__doc__)
 
 
 if __name__ == "__main__":

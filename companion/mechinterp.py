@@ -23,9 +23,7 @@ same functions apply to the pretrained model (:mod:`companion.pretrained`) uncha
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import math
 from pathlib import Path
 
@@ -34,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from companion._validate import check_callable, check_float, check_int, check_tensor
+from companion.records import load_record, record_main, write_record
 from companion.transformer import GPT, GPTConfig
 
 # --------------------------------------------------------------------------- residual stream
@@ -544,37 +543,22 @@ def record_induction(path: str | Path = INDUCTION_RECORD, log=print, seeds=None)
         run.update(seed=seed, **analyse_induction(model, ids, c["eval_length"]))
         runs.append(run)
         log(f"seed {seed}: repeat loss {run['repeat'][-1]:.3f}, gain {run['gain']:.3f}")
-    record = {"what": "2-layer attention-only models trained on in-context bigrams "
-                      "(companion.mechinterp.record_induction)",
-              "torch": torch.__version__,
-              "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in c.items()},
-              "runs": runs}
-    Path(path).write_text(json.dumps(record, separators=(",", ":")) + "\n")
-    return record
+    return write_record(path, "2-layer attention-only models trained on in-context bigrams "
+                        "(companion.mechinterp.record_induction)", c, runs=runs)
 
 
 def load_induction(path: str | Path = INDUCTION_RECORD) -> dict:
     """The recorded runs; ``ValueError`` if they were made with other settings."""
-    record = json.loads(Path(path).read_text())
-    expected = {k: list(v) if isinstance(v, tuple) else v for k, v in INDUCTION.items()}
-    if record["settings"] != expected:
-        raise ValueError(f"{path} was recorded with {record['settings']}, not {expected}: "
-                         "re-record it with python -m companion.mechinterp --record induction")
-    return record
+    return load_record(path, INDUCTION, "python -m companion.mechinterp --record induction")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m companion.mechinterp",
-                                     description="Record the chapter's training runs.")
-    parser.add_argument("--record", choices=["induction"], required=True)
-    parser.add_argument("--out", default=None, help="where to write the JSON record")
-    parser.add_argument("--seeds", type=int, nargs="*", default=None,
-                        help="only these seeds (to record them in parallel, then merge)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    record_induction(args.out or INDUCTION_RECORD, log=lambda s: print(s, flush=True),
-                     seeds=args.seeds)
-    return 0
+    """``python -m companion.mechinterp --record induction [--out PATH] [--seeds S ...]``."""
+    seeds = {"type": int, "nargs": "*", "default": None,
+             "help": "only these seeds (to record them in parallel, then merge)"}
+    return record_main("python -m companion.mechinterp", {"induction": record_induction}, argv,
+                       description="Record the chapter's training runs.",
+                       options={"--seeds": seeds}, threads=1)
 
 
 if __name__ == "__main__":

@@ -25,14 +25,13 @@ float32 and under bfloat16 autocast from the same start on the same batches. Its
 
 from __future__ import annotations
 
-import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ._validate import check_float, check_int, check_tensor, check_type
+from .records import load_record, record_main, write_record
 
 
 @dataclass(frozen=True)
@@ -251,7 +250,7 @@ def autocast_run(corpus, seed: int, precision: str, device=None):
     )
 
 
-def record_autocast_runs(path: str | Path = AUTOCAST_RECORD) -> dict:
+def record_autocast_runs(path: str | Path = AUTOCAST_RECORD, log=print) -> dict:
     """Train all of the section's runs on the CPU and write their losses to ``path``."""
     from .data import CharCorpus
 
@@ -261,10 +260,9 @@ def record_autocast_runs(path: str | Path = AUTOCAST_RECORD) -> dict:
             h = autocast_run(corpus, seed, precision, torch.device("cpu"))
             runs.append({"precision": precision, "seed": seed, "step_loss": h.step_loss,
                          "val_loss": h.val_loss})
-    record = {"what": "companion.precision.record_autocast_runs", "torch": torch.__version__,
-              "settings": AUTOCAST_SETTINGS, "runs": runs}
-    Path(path).write_text(json.dumps(record) + "\n", encoding="utf-8")
-    return record
+            log(f"{precision} {seed} {h.val_loss[-1]:.4f}")
+    return write_record(path, "companion.precision.record_autocast_runs", AUTOCAST_SETTINGS,
+                        runs=runs)
 
 
 def load_autocast_record(path: str | Path = AUTOCAST_RECORD) -> dict:
@@ -272,25 +270,16 @@ def load_autocast_record(path: str | Path = AUTOCAST_RECORD) -> dict:
     other settings than ``AUTOCAST_SETTINGS``."""
     from .train import LMHistory
 
-    record = json.loads(Path(path).read_text(encoding="utf-8"))
-    if record["settings"] != AUTOCAST_SETTINGS:
-        raise ValueError(f"{Path(path).name} was recorded with {record['settings']}, not "
-                         f"{AUTOCAST_SETTINGS}: re-record it (python -m companion.precision "
-                         "--record)")
+    record = load_record(path, AUTOCAST_SETTINGS, "python -m companion.precision --record")
     return {(r["precision"], r["seed"]): LMHistory(step_loss=r["step_loss"],
                                                    val_loss=r["val_loss"])
             for r in record["runs"]}
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     """``python -m companion.precision --record``: re-record the bfloat16 training runs."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--record", action="store_true", help="run and write the record")
-    if not parser.parse_args(argv).record:
-        parser.error("nothing to do: pass --record")
-    torch.set_num_threads(1)
-    for run in record_autocast_runs()["runs"]:
-        print(run["precision"], run["seed"], f"{run['val_loss'][-1]:.4f}")
+    return record_main("python -m companion.precision", {"autocast": record_autocast_runs},
+                       argv, description=main.__doc__, threads=1)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ import torch
 from companion.data import CharCorpus
 from companion.device import get_device, seed_everything
 from companion.optim import AdamW, warmup_cosine_schedule
+from companion.records import check_settings
 from companion.train import (
     LMHistory,
     fixed_windows,
@@ -216,10 +217,8 @@ def load_notebook_gpt(path: str | Path = NOTEBOOK_RUN, device=None) -> tuple[GPT
     """
     model, checkpoint = load_checkpoint(path, device)
     record = checkpoint["record"]
-    if record["settings"] != NOTEBOOK_TRAINING:
-        raise ValueError(f"{Path(path).name} was recorded with {record['settings']}, not "
-                         f"{NOTEBOOK_TRAINING}: re-record it "
-                         "(python -m companion.pretrained --notebook-run)")
+    check_settings(Path(path).name, record["settings"], NOTEBOOK_TRAINING,
+                   "python -m companion.pretrained --notebook-run")
     fields = [f.name for f in dataclasses.fields(LMHistory)]
     return model, LMHistory(**{name: record[name] for name in fields})
 

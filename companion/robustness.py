@@ -32,7 +32,6 @@ Section 13b of the book. The ideas, in the order the section uses them:
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from torch import nn
 from companion import backprop as bp
 from companion._validate import check_batch, check_float, check_int, check_type, check_xy
 from companion.data import load_digits_split
+from companion.records import load_record, write_record
 from companion.train import accuracy, train_classifier
 
 __all__ = [
@@ -467,21 +467,15 @@ def record_experiments(jobs: int = 1, path: str | Path = EXPERIMENT_RECORD) -> d
         masking = pool.map(_masking_run, [(lr, seed) for seed in s["seeds"]])
         backdoor = pool.map(_backdoor_run, [(lr, f, seed) for f in s["fractions"]
                                             for seed in s["seeds"]])
-    record = {"what": "section 13b's experiments (companion.robustness.record_experiments)",
-              "torch": torch.__version__, "threads": 1, "settings": s, "grid": grid,
-              "masking": masking, "backdoor": backdoor}
-    Path(path).write_text(json.dumps(record, indent=1) + "\n")
-    return record
+    return write_record(path, "section 13b's experiments "
+                        "(companion.robustness.record_experiments)", s, indent=1, threads=1,
+                        grid=grid, masking=masking, backdoor=backdoor)
 
 
 def load_experiments(path: str | Path = EXPERIMENT_RECORD) -> dict:
     """The record of :func:`record_experiments`; raises ``ValueError`` if it was made with
     other settings than :data:`BOOK_SETTINGS`."""
-    record = json.loads(Path(path).read_text())
-    if record["settings"] != BOOK_SETTINGS:
-        raise ValueError(f"{path} was recorded with {record['settings']}, not the book's "
-                         f"{BOOK_SETTINGS}: re-record it")
-    return record
+    return load_record(path, BOOK_SETTINGS, "python -m companion.robustness --record [jobs]")
 
 
 if __name__ == "__main__":  # python -m companion.robustness --record [jobs]

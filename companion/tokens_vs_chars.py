@@ -23,7 +23,6 @@ seeds 1 and 2. ``python -m companion.tokens_vs_chars --record`` writes the runs 
 
 from __future__ import annotations
 
-import json
 import math
 from functools import cache
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 
 from ._validate import check_int, check_tensor, check_type
 from .data import CharTokenizer
+from .records import JOBS_OPTION, load_record, record_main, write_record
 from .tokenizer import BPETokenizer
 
 __all__ = ["TOKENS_VS_CHARS", "TOKENS_VS_CHARS_RECORD", "token_byte_lengths",
@@ -226,37 +226,23 @@ def record_tokens_vs_chars(path: Path = TOKENS_VS_CHARS_RECORD, jobs: int = 1,
                                              for s in c["seeds"][1:]]))
     for run in runs:
         log({k: v for k, v in run.items() if k not in ("step", "dev", "val")})
-    record = {"what": "chapter 4's GPT on characters and on BPE tokens at equal compute "
-                      "(companion.tokens_vs_chars.record_tokens_vs_chars)",
-              "torch": torch.__version__, "settings": c, "runs": runs}
-    Path(path).write_text(json.dumps(record, separators=(",", ":")) + "\n", encoding="utf-8")
-    return record
+    return write_record(path, "chapter 4's GPT on characters and on BPE tokens at equal "
+                        "compute (companion.tokens_vs_chars.record_tokens_vs_chars)", c,
+                        runs=runs)
 
 
 def load_tokens_vs_chars(path: Path = TOKENS_VS_CHARS_RECORD) -> dict:
     """The recorded runs; ``ValueError`` if they were made with other settings than
     :data:`TOKENS_VS_CHARS`."""
-    record = json.loads(Path(path).read_text(encoding="utf-8"))
-    if record["settings"] != TOKENS_VS_CHARS:
-        raise ValueError(f"{Path(path).name} was recorded with {record['settings']}, not "
-                         f"{TOKENS_VS_CHARS}: re-record it with "
-                         f"`python -m companion.tokens_vs_chars --record`")
-    return record
+    return load_record(path, TOKENS_VS_CHARS, "`python -m companion.tokens_vs_chars --record`")
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     """``python -m companion.tokens_vs_chars --record [--jobs N]``: re-record the
     comparison of chapter 4 (minutes on a CPU)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--record", action="store_true", help="run and write the record")
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel")
-    parser.add_argument("--out", default=str(TOKENS_VS_CHARS_RECORD), help="JSON path")
-    args = parser.parse_args(argv)
-    if not args.record:
-        parser.error("nothing to do: pass --record")
-    record_tokens_vs_chars(Path(args.out), jobs=args.jobs)
+    return record_main("python -m companion.tokens_vs_chars",
+                       {"tokens-vs-chars": record_tokens_vs_chars}, argv,
+                       description=main.__doc__, options={"--jobs": JOBS_OPTION})
 
 
 if __name__ == "__main__":
