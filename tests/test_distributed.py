@@ -261,6 +261,23 @@ def os_getpid_worker(rank: int, world_size: int) -> tuple[int, int]:
     return rank, os.getpid()
 
 
+def test_launch_ranks_start_with_the_preloads_imported():
+    # the fork server imports them once (a name it cannot import, it skips silently)
+    import importlib
+
+    preload = D.processes.PRELOAD
+    assert "torch._dynamo" in preload  # what DDP and FSDP import on first use
+    for name in preload:
+        importlib.import_module(name)
+    assert D.launch(imported_worker, 2, preload, timeout=TIMEOUT) == [True, True]
+
+
+def imported_worker(rank: int, world_size: int, names: list[str]) -> bool:
+    import sys
+
+    return all(name in sys.modules for name in names)
+
+
 # --------------------------------------------------------------------------- schedules and costs
 
 
