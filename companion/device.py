@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -84,6 +85,24 @@ def get_device(prefer: str | torch.device | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def _deterministic_algorithms(mode: bool) -> None:
+    """``torch.use_deterministic_algorithms(mode, warn_only=True)`` without its import of
+    TorchInductor (seconds of CPU in every notebook that never compiles anything).
+
+    The public function sets two things: the ATen flag, set here through the same
+    ``torch._C`` call, and ``torch._inductor.config.deterministic``, set here directly if
+    TorchInductor is already imported, and otherwise through the environment variable
+    that its config reads when it is first imported (``TORCHINDUCTOR_DETERMINISTIC``).
+    A test checks that both end as the public function leaves them.
+    """
+    inductor = sys.modules.get("torch._inductor.config")
+    if inductor is not None:
+        inductor.deterministic = mode
+    else:
+        os.environ["TORCHINDUCTOR_DETERMINISTIC"] = "1" if mode else "0"
+    torch._C._set_deterministic_algorithms(mode, warn_only=mode)
+
+
 def seed_everything(seed: int, deterministic: bool = True) -> int:
     """Seed Python, NumPy and PyTorch (CPU and every CUDA device) with ``seed``.
 
@@ -106,12 +125,12 @@ def seed_everything(seed: int, deterministic: bool = True) -> int:
     if deterministic:
         # cuBLAS reads this when it is first initialised; harmless on the CPU.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        _deterministic_algorithms(True)
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.allow_tf32 = False
     else:
-        torch.use_deterministic_algorithms(False)
+        _deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
         torch.backends.cudnn.allow_tf32 = True  # PyTorch's default
     return seed

@@ -1,6 +1,8 @@
 """companion.device: device choice and seeding."""
 
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -100,3 +102,30 @@ def test_seed_everything_seeds_cuda():
 def test_seed_validation(bad, error):
     with pytest.raises(error, match="seed"):
         seed_everything(bad)
+
+
+_STATE = """
+import sys, torch
+from companion.device import seed_everything
+{call}
+imported = "torch._inductor" in sys.modules
+import torch._inductor.config as inductor
+print(torch.are_deterministic_algorithms_enabled(),
+      torch.is_deterministic_algorithms_warn_only_enabled(), inductor.deterministic, imported)
+"""
+
+
+@pytest.mark.parametrize("mode", [True, False])
+def test_deterministic_mode_equals_the_public_call_without_importing_inductor(mode):
+    """Both flags end as torch.use_deterministic_algorithms leaves them; TorchInductor is
+    not imported (fresh interpreters: the flags and the imports are process-wide)."""
+    def state(call):
+        out = subprocess.run([sys.executable, "-c", _STATE.format(call=call)], text=True,
+                             capture_output=True, timeout=120, check=True)
+        return out.stdout.split()
+
+    env_free = "import os; os.environ.pop('TORCHINDUCTOR_DETERMINISTIC', None)\n"
+    ours = state(env_free + f"seed_everything(0, deterministic={mode})")
+    public = state(env_free + f"torch.use_deterministic_algorithms({mode}, warn_only={mode})")
+    assert ours[:3] == public[:3] == [str(mode), str(mode), str(mode)]
+    assert ours[3] == "False" and public[3] == "True"
