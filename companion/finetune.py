@@ -15,10 +15,13 @@ head its own copy first, so that ``"head"`` and ``"last_block"`` change only wha
 
 :func:`fine_tune` runs :func:`companion.train.train_language_model` with AdamW on batches of
 the new domain, optionally mixing in a fraction of rows from the original domain (the
-simplest defence against forgetting). :func:`run_recipe` and :func:`select_learning_rate`
-compare :data:`RECIPES` fairly, each at its own best rate of :data:`LR_GRID`; the grid is
-recorded once by ``python -m companion.finetune --record lr-grid``. :func:`finetuning_memory`
-is chapter 1's memory arithmetic for full fine-tuning, LoRA and QLoRA of a published model.
+simplest defence against forgetting); :func:`adapt` does both on a copy of the model.
+:func:`run_recipe` and :func:`select_learning_rate` compare :data:`RECIPES` fairly, each at
+its own best rate of :data:`LR_GRID`; the grid is recorded once by ``python -m
+companion.finetune --record lr-grid``, the other runs of sections 10b and 10c (the
+:data:`VARIANTS`, adapters on a 4-bit base, more rehearsal) by ``--record adaptation``.
+:func:`finetuning_memory` is chapter 1's memory arithmetic for full fine-tuning, LoRA and
+QLoRA of a published model.
 """
 
 from __future__ import annotations
@@ -314,25 +317,50 @@ RECIPES = {"full": ("full", {}, 0.0),
 LR_GRID_RECORD = Path(__file__).resolve().parent / "assets" / "lr_grid_on_code.json"
 
 
-def run_recipe(model: GPT, corpus: CharCorpus, original: CharCorpus, recipe: str, lr: float,
-               seed: int, settings: FineTuneSettings = BOOK_SETTINGS) -> tuple[GPT, dict]:
-    """Adapt a copy of ``model`` to ``corpus`` by :data:`RECIPES` ``[recipe]`` at ``lr``.
+def adapt(model: GPT, corpus: CharCorpus, method: str, lr: float, seed: int,
+          settings: FineTuneSettings = BOOK_SETTINGS, *, options: dict | None = None,
+          original: CharCorpus | None = None, mix_fraction: float = 0.0
+          ) -> tuple[GPT, LMHistory]:
+    """Adapt a copy of ``model`` to ``corpus`` by ``method`` (:func:`prepare_adaptation`
+    with ``options``) at ``lr``: :func:`fine_tune` with ``settings`` but the rate.
 
     The LoRA matrices and dropout masks come from ``torch.manual_seed(seed)``, the batches
-    from ``seed`` (:func:`fine_tune`). Returns the adapted copy and its final losses:
-    ``"code_loss"`` on ``corpus``'s validation windows, ``"docs_loss"`` on as many windows
-    of ``original``'s validation text (the same protocol: ``settings.block_size``
-    characters, ``settings.eval_windows`` windows).
+    from ``seed``; ``original`` and ``mix_fraction`` as in :func:`fine_tune`. Returns the
+    adapted copy and its :class:`~companion.train.LMHistory`; ``model`` is not touched.
+    """
+    check_float("lr", lr, low=0.0, low_open=True)
+    check_int("seed", seed, low=0)
+    torch.manual_seed(seed)  # the LoRA A's and the dropout masks
+    net = prepare_adaptation(copy.deepcopy(model), method, **(options or {}))
+    return net, fine_tune(net, corpus, replace(settings, lr=lr), seed=seed,
+                          original=original, mix_fraction=mix_fraction)
+
+
+def domain_loss(model: GPT, corpus: CharCorpus, settings: FineTuneSettings = BOOK_SETTINGS
+                ) -> float:
+    """``model``'s loss on ``settings.eval_windows`` fixed validation windows of
+    ``settings.block_size`` characters of ``corpus`` (the protocol of :func:`fine_tune`)."""
+    windows = fixed_windows(corpus.ids("val"), settings.block_size, settings.eval_windows)
+    return language_model_loss(model, *windows)
+
+
+def run_recipe(model: GPT, corpus: CharCorpus, original: CharCorpus, recipe: str, lr: float,
+               seed: int, settings: FineTuneSettings = BOOK_SETTINGS) -> tuple[GPT, dict]:
+    """Adapt a copy of ``model`` to ``corpus`` by :data:`RECIPES` ``[recipe]`` at ``lr``
+    (:func:`adapt`).
+
+    Returns the adapted copy and its losses: ``"code_loss"``, the final one on
+    ``corpus``'s validation windows, ``"docs_loss"`` on as many windows of ``original``'s
+    validation text (:func:`domain_loss`), and ``"val_loss"``, the validation curve on
+    ``corpus`` (every ``settings.eval_every`` steps).
     """
     check_choice("recipe", recipe, RECIPES)
-    check_float("lr", lr, low=0.0, low_open=True)
     method, options, mix = RECIPES[recipe]
-    torch.manual_seed(seed)  # the LoRA A's and the dropout masks
-    net = prepare_adaptation(copy.deepcopy(model), method, **options)
-    history = fine_tune(net, corpus, replace(settings, lr=lr), seed=seed,
-                        original=original if mix else None, mix_fraction=mix)
-    windows = fixed_windows(original.ids("val"), settings.block_size, settings.eval_windows)
-    return net, {"code_loss": history.val_loss[-1], "docs_loss": language_model_loss(net, *windows)}
+    net, history = adapt(model, corpus, method, lr, seed, settings, options=options,
+                         original=original if mix else None, mix_fraction=mix)
+    return net, {"code_loss": history.val_loss[-1],
+                 "docs_loss": domain_loss(net, original, settings),
+                 "val_loss": history.val_loss}
 
 
 def select_learning_rate(code_loss: dict[float, list[float]]) -> float:
@@ -378,12 +406,14 @@ def _grid_header(seeds) -> dict:
 
 def record_lr_grid(seeds=(0, 1, 2), jobs: int = 1, path: str | Path = LR_GRID_RECORD) -> dict:
     """Run every recipe of :data:`RECIPES` at every rate of :data:`LR_GRID` for each seed
-    (:func:`run_recipe`, :data:`BOOK_SETTINGS` but the rate) and write the final losses.
+    (:func:`run_recipe`, :data:`BOOK_SETTINGS` but the rate) and write the final losses
+    and the validation curves on the code.
 
     One CPU thread per run, ``jobs`` runs in parallel processes; a run takes one to two
     seconds of CPU time (stored as ``cpu_seconds``), the grid of 45 runs minutes on a
-    busy machine -- more than a notebook may spend, so section 10c reads the record
-    (:func:`load_lr_grid_record`) and re-trains seed 0 of the runs it reports. Returns
+    busy machine -- more than a notebook may spend, so sections 10b and 10c read the
+    record (:func:`load_lr_grid_record`) and re-train the first steps of seed 0 of the
+    runs they report, to check the curves. Returns
     what was written.
     """
     import multiprocessing
@@ -400,7 +430,8 @@ def record_lr_grid(seeds=(0, 1, 2), jobs: int = 1, path: str | Path = LR_GRID_RE
 
 
 def load_lr_grid_record(path: str | Path = LR_GRID_RECORD) -> dict[tuple[str, float, int], dict]:
-    """The recorded grid: ``{(recipe, lr, seed): {"code_loss": ..., "docs_loss": ...}}``.
+    """The recorded grid: ``{(recipe, lr, seed): {"code_loss": ..., "docs_loss": ...,
+    "val_loss": [...]}}`` (:func:`run_recipe`'s losses).
 
     Raises ``ValueError`` if the record was made with other settings than
     :data:`BOOK_SETTINGS` (apart from the rate), another :data:`LR_GRID` or other
@@ -413,7 +444,7 @@ def load_lr_grid_record(path: str | Path = LR_GRID_RECORD) -> dict[tuple[str, fl
         raise ValueError(f"{path} was recorded with {got}, not the book's {expected}: "
                          "re-record it (python -m companion.finetune --record lr-grid)")
     runs = {(run["recipe"], run["lr"], run["seed"]):
-            {"code_loss": run["code_loss"], "docs_loss": run["docs_loss"]}
+            {key: run[key] for key in ("code_loss", "docs_loss", "val_loss")}
             for run in record["runs"]}
     missing = [(r, lr, s) for r in RECIPES for lr in LR_GRID for s in record["seeds"]
                if (r, lr, s) not in runs]
@@ -422,16 +453,141 @@ def load_lr_grid_record(path: str | Path = LR_GRID_RECORD) -> dict[tuple[str, fl
     return runs
 
 
+# ------------------------------------------ the other recorded runs of sections 10b, 10c
+
+#: Section 10b's other ways to adapt, as ``name -> (method, prepare_adaptation options)``,
+#: each at :data:`BOOK_SETTINGS`' rate with seed 0 (full fine-tuning and LoRA r=4 at that
+#: rate are runs of the learning-rate grid).
+VARIANTS = {"linear probe": ("head", {}),
+            "last block": ("last_block", {}),
+            "LoRA r=1": ("lora", {"rank": 1, "alpha": 2.0}),
+            "LoRA r=16": ("lora", {"rank": 16, "alpha": 32.0})}
+
+#: Section 10c's rounded base: :func:`companion.quantize.quantize_linear_weights` options.
+QUANTIZED_BASE = {"bits": 4, "group_size": 32}
+
+#: The name of section 10c's runs of LoRA r=4 on the rounded base in the record.
+QUANTIZED_RUN = "LoRA r=4, 4-bit base"
+
+#: The name of section 10c's runs of full fine-tuning with half of each batch from the
+#: documentation (its rehearsal exercise), at the rate selected for ``"full, 25% docs"``.
+HALF_DOCS_RUN = "full, 50% docs"
+
+#: Where :func:`record_adaptation_runs` writes.
+ADAPTATION_RECORD = Path(__file__).resolve().parent / "assets" / "adaptation_runs.json"
+
+_ADAPTATION_COMMAND = "python -m companion.finetune --record adaptation"
+
+
+def adaptation_settings(grid: dict | None = None) -> dict:
+    """What :func:`record_adaptation_runs` runs: :data:`VARIANTS` with seed 0; LoRA r=4
+    on the rounded base (:data:`QUANTIZED_BASE`) with seeds 0 to 2 at the rate that
+    :func:`select_learning_rate` picks for LoRA from ``grid`` (default: the recorded
+    grid, :func:`load_lr_grid_record`); and full fine-tuning with half of each batch from
+    the documentation (:data:`HALF_DOCS_RUN`), seeds 0 to 2, at the rate it picks for
+    ``"full, 25% docs"``."""
+    grid = load_lr_grid_record() if grid is None else grid
+    seeds = sorted({seed for _, _, seed in grid})
+
+    def best(recipe):
+        return select_learning_rate({lr: [grid[(recipe, lr, s)]["code_loss"]
+                                          for s in seeds] for lr in LR_GRID})
+    method, options, _ = RECIPES["LoRA r=4"]
+    return {"fine_tune": asdict(BOOK_SETTINGS),
+            "variants": {name: [m, o] for name, (m, o) in VARIANTS.items()},
+            "variant_seeds": [0],
+            "quantized": {"method": method, "options": options, "lr": best("LoRA r=4"),
+                          **QUANTIZED_BASE, "seeds": [0, 1, 2]},
+            "half_docs": {"mix_fraction": 0.5, "lr": best("full, 25% docs"),
+                          "seeds": [0, 1, 2]}}
+
+
+def _adaptation_jobs(settings: dict):
+    """``(name, seed, method, options, lr, quantized, mix_fraction)`` of every run."""
+    for name, (method, options) in settings["variants"].items():
+        for seed in settings["variant_seeds"]:
+            yield name, seed, method, options, BOOK_SETTINGS.lr, False, 0.0
+    q, half = settings["quantized"], settings["half_docs"]
+    for seed in q["seeds"]:
+        yield QUANTIZED_RUN, seed, q["method"], q["options"], q["lr"], True, 0.0
+    for seed in half["seeds"]:
+        yield HALF_DOCS_RUN, seed, "full", {}, half["lr"], False, half["mix_fraction"]
+
+
+def record_adaptation_runs(path: str | Path = ADAPTATION_RECORD, log=None) -> dict:
+    """Run :func:`adaptation_settings`' runs (:func:`adapt`, one CPU thread) and write
+    each one's validation curve on the code and final loss on the documentation.
+
+    Ten runs of a few seconds each: more than sections 10b and 10c may spend, so they
+    read the record (:func:`load_adaptation_record`) and re-train the first steps of
+    seed 0 to check it. Returns what was written.
+    """
+    from companion.pretrained import load_pretrained_gpt
+    from companion.quantize import quantize_linear_weights
+    from companion.records import write_record
+
+    torch.set_num_threads(1)
+    settings = adaptation_settings()
+    model, pydoc = load_pretrained_gpt("cpu")
+    code = load_code_corpus(pydoc.tokenizer)[0]
+    rounded = copy.deepcopy(model)
+    quantize_linear_weights(rounded, **QUANTIZED_BASE)
+    runs = []
+    for name, seed, method, options, lr, quantized, mix in _adaptation_jobs(settings):
+        start = time.process_time()
+        net, history = adapt(rounded if quantized else model, code, method, lr, seed,
+                             options=options, original=pydoc if mix else None,
+                             mix_fraction=mix)
+        runs.append({"name": name, "seed": seed, "val_loss": history.val_loss,
+                     "docs_loss": domain_loss(net, pydoc),
+                     "cpu_seconds": round(time.process_time() - start, 1)})
+        if log is not None:
+            log(f"{name:22s} seed {seed}: {runs[-1]['cpu_seconds']:.1f} s CPU, code "
+                f"{history.val_loss[-1]:.3f}, docs {runs[-1]['docs_loss']:.3f}")
+    return write_record(path, "validation curves on the code and final losses on the "
+                        "documentation (companion.finetune.record_adaptation_runs)",
+                        settings, threads=1, runs=runs)
+
+
+def load_adaptation_record(path: str | Path = ADAPTATION_RECORD,
+                           grid: dict | None = None) -> dict[tuple[str, int], dict]:
+    """The runs of :func:`record_adaptation_runs`: ``{(name, seed): {"val_loss": [...],
+    "code_loss": ..., "docs_loss": ...}}``.
+
+    Raises ``ValueError`` if the record was made with other settings than
+    :func:`adaptation_settings` ``(grid)`` -- another budget, other variants, or a
+    learning-rate grid that selects another rate for LoRA -- or if a run is missing.
+    """
+    from companion.records import load_record
+
+    settings = adaptation_settings(grid)
+    record = load_record(path, settings, _ADAPTATION_COMMAND)
+    runs = {(run["name"], run["seed"]): {"val_loss": run["val_loss"],
+                                         "code_loss": run["val_loss"][-1],
+                                         "docs_loss": run["docs_loss"]}
+            for run in record["runs"]}
+    missing = [(n, s) for n, s, *_ in _adaptation_jobs(settings) if (n, s) not in runs]
+    if missing:
+        raise ValueError(f"{path} lacks the runs {missing}: re-record it with "
+                         f"{_ADAPTATION_COMMAND}")
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m companion.finetune [--record scratch|lr-grid]``: re-record
-    :data:`SCRATCH_RECORD` (``--steps N``, the default) or :data:`LR_GRID_RECORD`."""
+    """``python -m companion.finetune [--record scratch|lr-grid|adaptation]``: re-record
+    :data:`SCRATCH_RECORD` (``--steps N``, the default), :data:`LR_GRID_RECORD` or
+    :data:`ADAPTATION_RECORD` (after the grid: it runs at the rate the grid selects)."""
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--record", choices=("scratch", "lr-grid"), default="scratch")
+    parser.add_argument("--record", choices=("scratch", "lr-grid", "adaptation"),
+                        default="scratch")
     parser.add_argument("--steps", type=int, default=8000)  # the shipped scratch record
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.record == "adaptation":
+        record_adaptation_runs(args.out or ADAPTATION_RECORD, log=print)
+        return 0
     if args.record == "lr-grid":
         record = record_lr_grid(args.seeds, args.jobs, args.out or LR_GRID_RECORD)
         for run in record["runs"]:

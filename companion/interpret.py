@@ -551,14 +551,9 @@ def deletion_study(forward_func: Callable[[Tensor], Tensor], inputs: Tensor,
             for how, baseline in replacements.items()}
 
 
-def record_text_deletion(path: str | Path = TEXT_DELETION_RECORD) -> dict:
-    """Run section 6b's deletion test in full (:data:`TEXT_DELETION`) and write it as JSON.
-
-    Loads the pretrained GPT on the CPU, attributes every window with :func:`embedding_ig`
-    and records IG and every curve's scores; tens of seconds of CPU time, so the book
-    reads the record (:func:`load_text_deletion`) and re-computes its first windows to
-    check it. Returns what was written.
-    """
+def _deletion_setup():
+    """The pretrained GPT on the CPU, its next-character logits, section 6b's windows and
+    random texts (:data:`TEXT_DELETION`), the predicted characters and the space id."""
     from companion.pretrained import load_pretrained_gpt
 
     model, corpus = load_pretrained_gpt("cpu")
@@ -571,6 +566,19 @@ def record_text_deletion(path: str | Path = TEXT_DELETION_RECORD) -> dict:
 
     with torch.no_grad():
         target = next_logits(sample).argmax(-1)
+    return model, next_logits, sample, texts, target, space
+
+
+def record_text_deletion(path: str | Path = TEXT_DELETION_RECORD) -> dict:
+    """Run section 6b's deletion test in full (:data:`TEXT_DELETION`) and write it as JSON.
+
+    Loads the pretrained GPT on the CPU, attributes every window with :func:`embedding_ig`
+    and records IG and every curve's scores; tens of seconds of CPU time, so the book
+    reads the record (:func:`load_text_deletion`) and re-computes its first windows to
+    check it. Returns what was written.
+    """
+    model, next_logits, sample, texts, target, space = _deletion_setup()
+    s = TEXT_DELETION
     ig = embedding_ig(next_logits, model.token_embedding, sample, space, target, s["n_steps"])
     replacements = {"spaces": space} | {f"random {k}": t for k, t in enumerate(texts)}
     study = deletion_study(lambda ids: next_logits(ids).softmax(-1), sample,
@@ -600,6 +608,65 @@ def load_text_deletion(path: str | Path = TEXT_DELETION_RECORD
                    for name, scores in curves.items()}
              for how, curves in record["scores"].items()}
     return torch.tensor(record["ig"]), study
+
+
+#: Section 6b's matched-baseline exercise: IG against the first draw of random characters
+#: with 16 Gauss-Legendre steps, on the windows of :data:`TEXT_DELETION`.
+MATCHED_DELETION = {**TEXT_DELETION, "n_steps": 16, "draw": 0}
+
+#: Where :func:`record_matched_deletion` writes.
+MATCHED_DELETION_RECORD = Path(__file__).resolve().parent / "assets" / \
+    "text_deletion_matched.json"
+
+
+def matched_deletion(next_logits: Callable[[Tensor], Tensor], embedding: nn.Module,
+                     ids: Tensor, replacement: Tensor, target, n_steps: int = 16,
+                     n_points: int | None = None) -> tuple[Tensor, PerturbationCurve]:
+    """IG of ``next_logits(ids)[target]`` per token, ``(B, T)``, with the ``replacement``
+    ids (shaped like ``ids``) as the baseline, and the deletion curve of that ranking
+    when the characters are replaced by the same ids: the attribution asked the test's
+    own question. Gauss-Legendre steps on the token embeddings (:func:`forward_from_layer`).
+    """
+    ig = integrated_gradients(
+        forward_from_layer(next_logits, embedding, ids), embedding(ids).detach(),
+        embedding(replacement).detach(), target=target, n_steps=n_steps,
+        method="gausslegendre").sum(-1)
+    curve = perturbation_curve(lambda x: next_logits(x).softmax(-1), ids, ig, target,
+                               baselines=replacement, n_points=n_points)
+    return ig, curve
+
+
+def record_matched_deletion(path: str | Path = MATCHED_DELETION_RECORD) -> dict:
+    """Run :func:`matched_deletion` on all of section 6b's windows (:data:`MATCHED_DELETION`)
+    and write IG and the curve's scores as JSON; seconds of CPU time that the book saves
+    by reading the record (:func:`load_matched_deletion`) and re-computing the first
+    windows. Returns what was written."""
+    from companion.records import write_record
+
+    model, next_logits, sample, texts, target, _ = _deletion_setup()
+    s = MATCHED_DELETION
+    ig, curve = matched_deletion(next_logits, model.token_embedding, sample,
+                                 texts[s["draw"]], target, s["n_steps"], s["n_points"])
+    return write_record(path, "section 6b's matched-baseline deletion test "
+                        "(companion.interpret.record_matched_deletion)", s,
+                        ig=ig.tolist(), scores=curve.scores.tolist())
+
+
+def load_matched_deletion(path: str | Path = MATCHED_DELETION_RECORD
+                          ) -> tuple[Tensor, PerturbationCurve]:
+    """The recorded matched-baseline test: IG ``(N, T)`` and its deletion curve.
+
+    Raises ``ValueError`` if it was recorded with other settings than
+    :data:`MATCHED_DELETION`.
+    """
+    from companion.records import load_record
+
+    s = MATCHED_DELETION
+    record = load_record(path, s, "python -c 'import companion.interpret as i; "
+                         "i.record_matched_deletion()'")
+    fractions = _feature_counts(s["n_points"], s["length"], "cpu").double() / s["length"]
+    return torch.tensor(record["ig"]), PerturbationCurve(
+        "deletion", fractions.float(), torch.tensor(record["scores"]))
 
 
 # --------------------------------------------------------------------------- randomisation check

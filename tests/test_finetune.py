@@ -14,15 +14,23 @@ from factories import tiny_gpt
 
 from companion.data import CharCorpus
 from companion.finetune import (
+    ADAPTATION_RECORD,
     BOOK_SETTINGS,
+    HALF_DOCS_RUN,
     LR_GRID,
     LR_GRID_RECORD,
     QLORA_BITS_PER_PARAMETER,
+    QUANTIZED_RUN,
     RECIPES,
     SCRATCH_RECORD,
+    VARIANTS,
     FineTuneSettings,
+    adapt,
+    adaptation_settings,
+    domain_loss,
     fine_tune,
     finetuning_memory,
+    load_adaptation_record,
     load_code_corpus,
     load_lr_grid_record,
     load_scratch_record,
@@ -204,7 +212,9 @@ def test_run_recipe_is_fine_tune_of_the_recipe_and_measures_both_domains():
         history = fine_tune(manual, corpus, replace(settings, lr=1e-2), seed=1,
                             original=original if mix else None, mix_fraction=mix)
         assert losses["code_loss"] == history.val_loss[-1], recipe
+        assert losses["val_loss"] == history.val_loss, recipe
         windows = fixed_windows(original.ids("val"), 8, 2)
+        assert losses["docs_loss"] == domain_loss(net, original, settings), recipe
         assert losses["docs_loss"] == language_model_loss(manual, *windows), recipe
         assert losses["docs_loss"] == language_model_loss(net, *windows), recipe
     for key, value in model.state_dict().items():  # the pretrained model is not touched
@@ -213,6 +223,44 @@ def test_run_recipe_is_fine_tune_of_the_recipe_and_measures_both_domains():
         run_recipe(model, corpus, original, "adapters", 1e-2, seed=0, settings=settings)
     with pytest.raises(ValueError, match="lr"):
         run_recipe(model, corpus, original, "full", 0.0, seed=0, settings=settings)
+
+
+def test_adapt_is_prepare_adaptation_then_fine_tune_on_a_copy():
+    corpus = CharCorpus("abcdefg" * 40)
+    original = CharCorpus("gfedcba" * 40, tokenizer=corpus.tokenizer)
+    settings = FineTuneSettings(steps=4, batch_size=4, block_size=8, eval_every=2,
+                                eval_windows=2)
+    model = small_gpt()
+    pretrained = copy.deepcopy(model.state_dict())
+    net, history = adapt(model, corpus, "lora", 1e-2, 2, settings,
+                         options={"rank": 2, "alpha": 4.0}, original=original,
+                         mix_fraction=0.5)
+    torch.manual_seed(2)
+    manual = prepare_adaptation(copy.deepcopy(model), "lora", rank=2, alpha=4.0)
+    expected = fine_tune(manual, corpus, replace(settings, lr=1e-2), seed=2,
+                         original=original, mix_fraction=0.5)
+    assert history.val_loss == expected.val_loss and history.eval_step == [0, 2, 4]
+    for (name, p), q in zip(net.named_parameters(), manual.parameters()):
+        assert torch.equal(p, q), name
+    for key, value in model.state_dict().items():  # the model itself is not touched
+        assert torch.equal(value, pretrained[key]), key
+    short = adapt(model, corpus, "lora", 1e-2, 2, replace(settings, steps=2),
+                  options={"rank": 2, "alpha": 4.0}, original=original, mix_fraction=0.5)
+    assert short[1].val_loss == history.val_loss[:2]  # a prefix of the longer run
+    with pytest.raises(ValueError, match="lr"):
+        adapt(model, corpus, "full", -1e-3, 0, settings)
+    with pytest.raises(ValueError, match="seed"):
+        adapt(model, corpus, "full", 1e-3, -1, settings)
+    with pytest.raises(ValueError, match="method"):
+        adapt(model, corpus, "adapters", 1e-3, 0, settings)
+
+
+def test_domain_loss_is_the_loss_on_fixed_validation_windows():
+    corpus = CharCorpus("abcdefg" * 60)
+    model = small_gpt()
+    settings = FineTuneSettings(block_size=8, eval_windows=3)
+    windows = fixed_windows(corpus.ids("val"), 8, 3)
+    assert domain_loss(model, corpus, settings) == language_model_loss(model, *windows)
 
 
 def test_select_learning_rate_takes_the_lowest_mean_and_skips_diverged_rates():
@@ -234,6 +282,11 @@ def test_lr_grid_record_is_complete_and_refuses_other_settings(tmp_path):
     assert len(runs) == len(RECIPES) * len(LR_GRID) * 3
     assert all(math.isfinite(v["code_loss"]) and math.isfinite(v["docs_loss"])
                for v in runs.values())
+    n_points = BOOK_SETTINGS.steps // BOOK_SETTINGS.eval_every + 1
+    for run in runs.values():  # the curve ends at the final loss ...
+        assert len(run["val_loss"]) == n_points and run["val_loss"][-1] == run["code_loss"]
+    # ... and starts at the pretrained model's loss, the same for every run
+    assert len({run["val_loss"][0] for run in runs.values()}) == 1
     changes = (lambda r: r["settings"].update(steps=60),
                lambda r: r.update(lr_grid=[1e-3]),
                lambda r: r["recipes"]["LoRA r=4"][1].update(rank=8),
@@ -245,3 +298,41 @@ def test_lr_grid_record_is_complete_and_refuses_other_settings(tmp_path):
         path.write_text(json.dumps(changed))
         with pytest.raises(ValueError, match="re-record"):
             load_lr_grid_record(path)
+
+
+def test_adaptation_record_is_complete_and_refuses_other_settings(tmp_path):
+    grid = load_lr_grid_record()
+    runs = load_adaptation_record(grid=grid)
+    settings = adaptation_settings(grid)
+    assert settings["quantized"]["lr"] == 3e-3  # LoRA's best rate in the grid
+    assert settings["half_docs"]["lr"] == 3e-4  # rehearsal's best rate in the grid
+    assert sorted(runs) == sorted([(name, 0) for name in VARIANTS]
+                                  + [(QUANTIZED_RUN, seed) for seed in (0, 1, 2)]
+                                  + [(HALF_DOCS_RUN, seed) for seed in (0, 1, 2)])
+    start = next(iter(grid.values()))["val_loss"][0]
+    for (name, _), run in runs.items():  # before any step: the pretrained model, or
+        if name == QUANTIZED_RUN:  # its rounding to 4 bits, a little worse
+            assert start < run["val_loss"][0] < start + 0.01
+        else:
+            assert run["val_loss"][0] == start
+        assert run["code_loss"] == run["val_loss"][-1] < start
+        assert math.isfinite(run["docs_loss"])
+    # a grid that selects another rate for LoRA refuses the record
+    other = copy.deepcopy(grid)
+    for seed in (0, 1, 2):
+        other["LoRA r=4", 1e-3, seed]["code_loss"] = 0.0
+    with pytest.raises(ValueError, match="re-record"):
+        load_adaptation_record(grid=other)
+    record = json.loads(ADAPTATION_RECORD.read_text())
+    changes = (lambda r: r["settings"]["fine_tune"].update(steps=60),
+               lambda r: r["settings"]["variants"].pop("LoRA r=1"),
+               lambda r: r["settings"]["quantized"].update(bits=8),
+               lambda r: r["settings"]["half_docs"].update(mix_fraction=0.25),
+               lambda r: r["runs"].pop())
+    for change in changes:
+        changed = copy.deepcopy(record)
+        change(changed)
+        path = tmp_path / "adaptation.json"
+        path.write_text(json.dumps(changed))
+        with pytest.raises(ValueError, match="re-record"):
+            load_adaptation_record(path, grid=grid)

@@ -23,6 +23,8 @@ from captum.attr import (
 
 from companion.data import CharTokenizer
 from companion.interpret import (
+    MATCHED_DELETION,
+    MATCHED_DELETION_RECORD,
     TEXT_DELETION,
     TEXT_DELETION_RECORD,
     CaptumTokenizer,
@@ -30,7 +32,9 @@ from companion.interpret import (
     continuation_log_probs,
     deletion_study,
     deletion_windows,
+    load_matched_deletion,
     load_text_deletion,
+    matched_deletion,
     perturbation_curve,
     token_ablation,
 )
@@ -205,3 +209,44 @@ def test_text_deletion_record_loads_and_checks_its_settings(tmp_path):
     other.write_text(json.dumps(record))
     with pytest.raises(ValueError, match="re-record"):
         load_text_deletion(other)
+
+
+def test_matched_deletion_is_captums_ig_against_the_replacement_and_its_curve():
+    model = tiny_gpt(vocab_size=7, dropout=0.0).eval().double()
+    draws = torch.Generator().manual_seed(0)
+    ids = torch.randint(7, (3, 8), generator=draws)
+    replacement = torch.randint(1, 7, (3, 8), generator=draws)
+    target = torch.tensor([1, 2, 3])
+
+    def next_logits(x):
+        return model(x)[0][:, -1]
+
+    ig, curve = matched_deletion(next_logits, model.token_embedding, ids, replacement,
+                                 target, n_steps=8, n_points=5)
+    theirs = LayerIntegratedGradients(next_logits, model.token_embedding).attribute(
+        ids, replacement, target=target, n_steps=8, method="gausslegendre").sum(-1)
+    # Captum's Gauss-Legendre nodes and weights are float32: 1e-8 of the largest value
+    torch.testing.assert_close(ig, theirs, rtol=0, atol=1e-6 * ig.abs().max().item())
+    reference = LayerIntegratedGradients(next_logits, model.token_embedding)
+    assert not torch.equal(ig, reference.attribute(ids, target=target, n_steps=8).sum(-1))
+    expected = perturbation_curve(lambda x: next_logits(x).softmax(-1), ids, ig,
+                                  target, baselines=replacement, n_points=5)
+    torch.testing.assert_close(curve.scores, expected.scores, rtol=0, atol=1e-12)
+    assert curve.scores.shape == (3, 5)
+    # replacing every character by the replacement leaves the replacement's prediction
+    final = next_logits(replacement).softmax(-1).gather(1, target[:, None])[:, 0]
+    torch.testing.assert_close(curve.scores[:, -1], final.detach(), rtol=0, atol=1e-12)
+
+
+def test_matched_deletion_record_loads_and_checks_its_settings(tmp_path):
+    ig, curve = load_matched_deletion()
+    s = MATCHED_DELETION
+    assert ig.shape == (s["n_windows"], s["length"]) and torch.isfinite(ig).all()
+    assert curve.scores.shape == (s["n_windows"], s["n_points"])
+    assert curve.fractions[0] == 0 and curve.fractions[-1] == 1
+    record = json.loads(MATCHED_DELETION_RECORD.read_text())
+    record["settings"] = {**record["settings"], "n_steps": 32}
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="re-record"):
+        load_matched_deletion(other)
