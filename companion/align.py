@@ -29,8 +29,10 @@ group-relative advantage ``A_i = (r_i - mean(r)) / (std(r) + eps)``
 (ends its turn; the correct answer's length and character set); :func:`pair_margins`
 gives a reward model's ``r(y_w) - r(y_l)`` or a policy's ``log pi(y_w) - log pi(y_l)``,
 whose sign is the pairwise accuracy. :func:`record_runs` records the chapter's runs:
-SFT variants, a longer SFT, and per seed and noise rate DPO and SFT-on-chosen over one
-learning-rate grid (each chosen on :func:`dev_instructions`) and a reward model.
+SFT variants, a longer SFT, and per seed and noise rate DPO and
+SFT-on-chosen over one learning-rate grid (each rate chosen on :func:`dev_instructions`
+by :func:`choose_rate`) and a reward model; :func:`win_tie_loss` judges a tuned model
+against its SFT start.
 """
 
 from __future__ import annotations
@@ -464,9 +466,13 @@ def pair_margins(model: nn.Module, tokenizer: CharTokenizer, pairs: list[dict]):
 
 #: Where the chapter's recorded runs live.
 RECORD = Path(__file__).resolve().parent / "assets" / "alignment_runs.json"
-#: The chapter's budget -- SFT steps, batch, learning-rate grid per method; then DPO.
+#: The chapter's budget -- SFT steps, batch and the rate of each SFT variant (one rate,
+#: not tuned); then DPO and SFT on the chosen answers, one learning-rate grid for both,
+#: each rate chosen on :func:`dev_instructions` (:func:`choose_rate`). ``start_lr`` is
+#: the rate of the preference section's SFT start.
 SFT_SETTINGS = {"steps": 40, "batch_size": 8, "lr_grid": {"full": [1e-3], "lora": [3e-3]}}
-PREF_SETTINGS = {"steps": 20, "batch_size": 8, "beta": 0.1, "lr_grid": [3e-4, 1e-3, 3e-3],
+PREF_SETTINGS = {"steps": 20, "batch_size": 8, "beta": 0.1,
+                 "lr_grid": [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3],
                  "noise": [0.0, 0.3], "start_lr": 1e-3, "select_on": "dev"}
 #: The reward model (Bradley--Terry, from the SFT model) and the longer SFT runs.
 REWARD_SETTINGS = {"steps": 40, "batch_size": 8, "lr": 1e-4}
@@ -510,6 +516,37 @@ def evaluate(model: GPT, tokenizer: CharTokenizer, test: list[dict], windows=Non
     return out
 
 
+def choose_rate(runs: list[dict]) -> float:
+    """The learning rate of ``runs`` (dicts with ``"lr"`` and a ``"dev"`` evaluation, the
+    grid of one method over one or more seeds) with the highest mean dev accuracy over
+    its runs, ties broken by the mean dev pairwise accuracy, then by the lower rate."""
+    check_type("runs", runs, list)
+    if not runs or any("lr" not in r or "dev" not in r for r in runs):
+        raise ValueError("runs must be a non-empty list of dicts with 'lr' and 'dev'")
+    by_lr = {}
+    for r in runs:
+        by_lr.setdefault(r["lr"], []).append(
+            (sum(r["dev"]["correct"]) / len(r["dev"]["correct"]), r["dev"]["pair_acc"]))
+
+    def score(lr):
+        accs, pairs = zip(*by_lr[lr])
+        return sum(accs) / len(accs), sum(pairs) / len(pairs), -lr
+
+    return max(by_lr, key=score)
+
+
+def win_tie_loss(correct, start_correct) -> tuple[int, int, int]:
+    """Judged by the criterion on the same prompts: wins (this model correct, the start
+    not), ties (both or neither correct) and losses (the reverse)."""
+    a, b = [bool(x) for x in correct], [bool(x) for x in start_correct]
+    if len(a) != len(b) or not a:
+        raise ValueError(f"correct and start_correct must be non-empty and of the same "
+                         f"length, got {len(a)} and {len(b)}")
+    wins = sum(x and not y for x, y in zip(a, b))
+    losses = sum(y and not x for x, y in zip(a, b))
+    return wins, len(a) - wins - losses, losses
+
+
 def _setup_run():
     from companion.pretrained import load_pretrained_gpt
     from companion.train import fixed_windows
@@ -544,10 +581,11 @@ def _tuned(kind, model, tok, test, dev, windows, **info):
             **evaluate(model, tok, test, windows)}
 
 
-def preference_runs(seed: int, noise: float, steps: int) -> list[dict]:
+def preference_runs(seed: int, noise: float, steps: int, lrs=None) -> list[dict]:
     """From the SFT model of ``seed``, on pairs labelled with ``noise``: DPO, and SFT on
-    the chosen answers (the same pairs, steps, batch and learning-rate grid), each
-    evaluated on the dev and the test prompts; and a reward model on the same pairs."""
+    the chosen answers (the same pairs, steps, batch and learning-rate grid, ``lrs`` or
+    ``PREF_SETTINGS["lr_grid"]``), each evaluated on the dev and the test prompts; and a
+    reward model on the same pairs."""
     s = PREF_SETTINGS
     start, corpus, windows, test, prefs = _start_model(seed)
     tok, dev = corpus.tokenizer, dev_instructions(corpus)
@@ -556,7 +594,7 @@ def preference_runs(seed: int, noise: float, steps: int) -> list[dict]:
     pairs = preference_pairs(prefs, noise, seed)
     sft_data = [{"messages": p["prompt"] + [{"role": "assistant", "content": p["chosen"]}]}
                 for p in pairs]
-    for lr in s["lr_grid"]:
+    for lr in s["lr_grid"] if lrs is None else lrs:
         info = {"noise": noise, "lr": lr, "seed": seed}
         dpo = copy.deepcopy(start)
         losses = train_dpo(dpo, start, tok, pairs, steps, lr, s["beta"], s["batch_size"], seed)

@@ -221,6 +221,32 @@ def test_bad_inputs_raise_naming_the_argument():
         align.flip_labels(4, 1.5, seed=0)
     with pytest.raises(ValueError, match="rewards"):
         align.group_relative_advantages(torch.zeros(3, 1))
+    with pytest.raises(ValueError, match="correct and start_correct"):
+        align.win_tie_loss([True], [True, False])
+    with pytest.raises(ValueError, match="runs"):
+        align.choose_rate([{"lr": 1e-3}])
+    with pytest.raises(TypeError, match="runs"):
+        align.choose_rate({"lr": 1e-3})
+
+
+def _dev_run(lr, correct, pair_acc):
+    return {"lr": lr, "dev": {"correct": correct, "pair_acc": pair_acc}}
+
+
+def test_choose_rate_takes_the_best_mean_dev_accuracy_then_pairs_then_the_lower_rate():
+    runs = [_dev_run(1e-3, [1, 0, 0, 0], 0.5), _dev_run(1e-3, [1, 1, 0, 0], 0.5),
+            _dev_run(3e-4, [1, 1, 1, 0], 0.2), _dev_run(3e-4, [0, 0, 0, 0], 0.2),
+            _dev_run(1e-2, [1, 1, 0, 0], 0.9), _dev_run(1e-2, [0, 0, 0, 0], 0.9)]
+    # mean dev accuracy: 1e-3 0.375, 3e-4 0.375, 1e-2 0.25; the tie goes to the pairs
+    assert align.choose_rate(runs) == 1e-3
+    runs[2]["dev"]["pair_acc"] = runs[3]["dev"]["pair_acc"] = 0.5
+    assert align.choose_rate(runs) == 3e-4  # a full tie goes to the lower rate
+    assert align.choose_rate(runs[4:]) == 1e-2
+
+
+def test_win_tie_loss_counts_against_the_start_model():
+    assert align.win_tie_loss([1, 0, 1, 0, 1], [0, 0, 1, 1, 0]) == (2, 2, 1)
+    assert align.win_tie_loss([True] * 3, [True] * 3) == (0, 3, 0)
 
 
 def test_a_tuned_model_answers_a_conversation_through_the_servers_chat_route():
@@ -261,7 +287,14 @@ def test_the_record_holds_every_run_of_the_grid():
     kinds = [r.get("kind") for r in runs]
     n_seeds, n_noise = len(align.SEEDS), len(align.PREF_SETTINGS["noise"])
     n_lr = len(align.PREF_SETTINGS["lr_grid"])
-    assert len(sft) == 3 * n_seeds
+    grid = align.SFT_SETTINGS["lr_grid"]
+    assert record["sft"] == align.SFT_SETTINGS and record["pref"] == align.PREF_SETTINGS
+    assert len(sft) == n_seeds * (2 * len(grid["full"]) + len(grid["lora"]))
+    for method, masked in (("full", True), ("full", False), ("lora", True)):
+        for lr in grid[method]:  # every variant at every rate of its grid, every seed
+            seeds = sorted(r["seed"] for r in sft if r["method"] == method
+                           and r["masked"] == masked and r["lr"] == lr)
+            assert seeds == sorted(align.SEEDS), (method, masked, lr)
     assert kinds.count("start") == kinds.count("reward") == n_seeds * n_noise
     assert kinds.count("dpo") == kinds.count("sft") == n_seeds * n_noise * n_lr
     assert kinds.count("long_sft") == n_seeds * len(align.LONG_SFT["eval_at"])
