@@ -9,21 +9,29 @@ Book: Appendix, "Benchmarks". Run all rows in one process::
 
 A row times *ours* and the *reference* with the same procedure --
 ``torch.utils.benchmark.Timer.blocked_autorange`` (which synchronises CUDA),
-alternating the two for several rounds and taking medians -- and prints
-``ratio = ours / reference``: 1.0 is parity, 2.0 means ours takes twice as long.
-Speed is measured here, never asserted in a test: timings depend on the machine.
+alternating the two for several rounds -- and prints the median over the rounds of
+``ratio = ours / reference`` (each round's two timings taken back to back), with its
+spread: the smallest and largest round's ratio. 1.0 is parity, 2.0 means ours takes
+twice as long. The table's first line names the date, the CPU, PyTorch and the thread
+count. Speed is measured here, never asserted in a test: timings depend on the machine.
+Where both sides compute the same result, a row's factory checks that they do before
+anything is timed. Two rows start processes on 127.0.0.1 -- a second rank of a gloo
+process group (chapter 8), two model servers (chapter 11) -- with timeouts, and end them.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import datetime
+import platform
 import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch.utils.benchmark import Timer
 
 from companion.device import get_device
@@ -34,7 +42,9 @@ class Case:
     """One comparison: two zero-argument callables that do the same work.
 
     ``work`` (with ``work_unit``) is the amount of work per call, e.g. the
-    number of tokens, so that the table can show a throughput as well.
+    number of tokens, so that the table can show a throughput as well. ``close``, if
+    given, ends what the case started (processes, servers); :func:`run_case` calls it
+    after the timing, also when the timing fails.
     """
 
     ours: Callable[[], object]
@@ -43,6 +53,7 @@ class Case:
     size: str
     work: float | None = None
     work_unit: str = ""
+    close: Callable[[], object] | None = None
 
 
 @dataclass
@@ -56,10 +67,19 @@ class Result:
     reference_seconds: float
     work: float | None = None
     work_unit: str = ""
+    ratios: tuple[float, ...] = ()  # ours / reference in each round
 
     @property
     def ratio(self) -> float:
+        """The median of the rounds' ratios (of the two medians if none were kept)."""
+        if self.ratios:
+            return statistics.median(self.ratios)
         return self.ours_seconds / self.reference_seconds
+
+    @property
+    def spread(self) -> tuple[float, float]:
+        """The smallest and the largest round's ratio."""
+        return (min(self.ratios), max(self.ratios)) if self.ratios else (self.ratio, self.ratio)
 
 
 #: (name, chapter, factory) for every benchmark, in the order they are defined.
@@ -85,28 +105,62 @@ def time_callable(fn: Callable[[], object], min_run_time: float = 0.2) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
-def measure(case: Case, rounds: int = 3, min_run_time: float = 0.2) -> tuple[float, float]:
-    """Medians over ``rounds`` alternating timings of ``case.ours`` and ``case.reference``."""
+def measure_rounds(case: Case, rounds: int = 3,
+                   min_run_time: float = 0.2) -> tuple[list[float], list[float]]:
+    """Seconds per call of ``case.ours`` and ``case.reference`` in each of ``rounds``
+    rounds; in each round the two are timed back to back, so they see the same load."""
     ours, reference = [], []
     for _ in range(rounds):
         ours.append(time_callable(case.ours, min_run_time))
         reference.append(time_callable(case.reference, min_run_time))
+    return ours, reference
+
+
+def measure(case: Case, rounds: int = 3, min_run_time: float = 0.2) -> tuple[float, float]:
+    """Medians over ``rounds`` alternating timings of ``case.ours`` and ``case.reference``."""
+    ours, reference = measure_rounds(case, rounds, min_run_time)
     return statistics.median(ours), statistics.median(reference)
+
+
+def run_case(name: str, chapter: str, case: Case, device, rounds: int = 3,
+             min_run_time: float = 0.2) -> Result:
+    """Time one case (then ``case.close()``, even on failure) into a :class:`Result`."""
+    try:
+        ours, reference = measure_rounds(case, rounds, min_run_time)
+    finally:
+        if case.close is not None:
+            case.close()
+    return Result(name, chapter, str(device), case.size, case.reference_name,
+                  statistics.median(ours), statistics.median(reference), case.work,
+                  case.work_unit, tuple(o / r for o, r in zip(ours, reference, strict=True)))
 
 
 def run(device=None, only: str | None = None, quick: bool = False, rounds: int = 3,
         min_run_time: float = 0.2) -> list[Result]:
     """Run every registered benchmark whose name contains ``only``; return the results."""
     device = get_device(device)
-    results = []
-    for name, chapter, factory in REGISTRY:
-        if only and only.lower() not in name.lower():
-            continue
-        case = factory(device, quick)
-        ours, reference = measure(case, rounds=rounds, min_run_time=min_run_time)
-        results.append(Result(name, chapter, str(device), case.size, case.reference_name,
-                              ours, reference, case.work, case.work_unit))
-    return results
+    return [run_case(name, chapter, factory(device, quick), device, rounds, min_run_time)
+            for name, chapter, factory in REGISTRY
+            if not only or only.lower() in name.lower()]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from ``/proc/cpuinfo`` on Linux), else ``platform``'s guess."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_line(rounds: int) -> str:
+    """The table's first line: date (UTC), CPU model, PyTorch, threads and rounds."""
+    today = datetime.datetime.now(datetime.UTC).date().isoformat()
+    return (f"{today}, {cpu_model()}, torch {torch.__version__}, "
+            f"CPU threads: {torch.get_num_threads()}, {rounds} rounds")
 
 
 def _seconds(t: float) -> str:
@@ -126,13 +180,14 @@ def _rate(per_second: float) -> str:
 
 def format_table(results: list[Result], markdown: bool = False) -> str:
     """The results as an aligned text table, or a Markdown table; the ratio comes first."""
-    header = ["benchmark", "ratio", "ours", "reference", "size",
+    header = ["benchmark", "ratio", "spread (min-max)", "ours", "reference", "size",
               "throughput (ours / reference)", "chapter", "device"]
     rows = []
     for r in results:
         throughput = (f"{_rate(r.work / r.ours_seconds)} / {_rate(r.work / r.reference_seconds)} "
                       f"{r.work_unit}/s" if r.work else "")
-        rows.append([r.name, f"{r.ratio:.2f}x", _seconds(r.ours_seconds),
+        low, high = r.spread
+        rows.append([r.name, f"{r.ratio:.2f}x", f"{low:.2f}-{high:.2f}", _seconds(r.ours_seconds),
                      f"{_seconds(r.reference_seconds)} ({r.reference_name})", r.size,
                      throughput, r.chapter, r.device])
     if markdown:
@@ -283,6 +338,21 @@ def _small_gpt(device, quick, fast_attention=True):
     return GPT(config).to(device)
 
 
+def _autocast_trainer(model, x, dtype):
+    """One AdamW step of ``model(x, x)``, the forward pass under ``dtype`` autocast
+    (float32 when ``dtype`` is None), as a zero-argument callable."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step():
+        with torch.autocast(x.device.type, dtype=dtype or torch.float32,
+                            enabled=dtype is not None):
+            _, loss = model(x, x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
 @benchmark("gpt training step: readable attention vs fast path", "4")
 def _bench_gpt_training(device, quick):
     from companion.train import default_autocast_dtype
@@ -290,23 +360,11 @@ def _bench_gpt_training(device, quick):
     B, T = (4, 64) if quick else (32, 128)
     x = torch.randint(103, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
     dtype = default_autocast_dtype(device)  # bf16 on recent GPUs, fp16 on older, none on CPU
-
-    def trainer(model):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-        def step():
-            with torch.autocast(device.type, dtype=dtype or torch.float32,
-                                enabled=dtype is not None):
-                _, loss = model(x, x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        return step
-
     readable, fast = _small_gpt(device, quick, False), _small_gpt(device, quick, True)
     c = readable.config
-    return Case(trainer(readable), trainer(fast), "fast path (F.sdpa)",
-                f"L={c.n_layer} d={c.n_embd} B={B} T={T}", work=B * T, work_unit="tokens")
+    return Case(_autocast_trainer(readable, x, dtype), _autocast_trainer(fast, x, dtype),
+                "fast path (F.sdpa)", f"L={c.n_layer} d={c.n_embd} B={B} T={T}",
+                work=B * T, work_unit="tokens")
 
 
 @benchmark("gpt generation: kv cache vs no cache", "4")
@@ -476,6 +534,119 @@ def _bench_structured(device, quick):
                 f"256x{n} @ {n}x{n}", work=256 * n * n, work_unit="MACs")
 
 
+@benchmark("cast to bfloat16: round_to (integer bits) vs tensor.to", "7")
+def _bench_round_to(device, quick):
+    """Section "Number formats": :func:`~companion.precision.round_to` rounds float32 to
+    the bfloat16 grid with integer arithmetic on the bit pattern; the reference is the
+    cast there and back, ``x.to(torch.bfloat16).float()``. Same result, bit for bit."""
+    from companion.precision import round_to
+
+    n = 2**12 if quick else 2**22
+    x = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def cast():
+        return x.to(torch.bfloat16).float()
+
+    if not torch.equal(round_to(x, torch.bfloat16), cast()):
+        raise AssertionError("round_to must equal the cast bit for bit")
+    return Case(lambda: round_to(x, torch.bfloat16), cast, "x.to(bfloat16).float()",
+                f"{n:,} float32", work=n, work_unit="values")
+
+
+@benchmark("gpt training step: bfloat16 autocast vs float32", "7")
+def _bench_autocast(device, quick):
+    """Section "Training in bfloat16 on the CPU": the same step of chapter 4's GPT with
+    the forward pass under bfloat16 autocast and in float32, same weights and batch."""
+    B, T = (4, 64) if quick else (32, 128)
+    x = torch.randint(103, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
+    bf16, fp32 = _small_gpt(device, quick), _small_gpt(device, quick)
+    c = bf16.config
+    return Case(_autocast_trainer(bf16, x, torch.bfloat16), _autocast_trainer(fp32, x, None),
+                "float32", f"L={c.n_layer} d={c.n_embd} B={B} T={T}", work=B * T,
+                work_unit="tokens")
+
+
+def _torch_quantize(w, axis):
+    """torch's own int8 round trip: a min/max observer's symmetric scales over
+    [-127, 127] (ours), ``torch.quantize_per_tensor`` / ``_per_channel``, ``dequantize``."""
+    import warnings
+
+    from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
+
+    kwargs = dict(dtype=torch.qint8, quant_min=-127, quant_max=127)
+    observer = (MinMaxObserver(qscheme=torch.per_tensor_symmetric, **kwargs) if axis is None
+                else PerChannelMinMaxObserver(axis, qscheme=torch.per_channel_symmetric,
+                                              **kwargs))
+    observer(w)
+    scale, zero_point = observer.calculate_qparams()
+    with warnings.catch_warnings():  # torch's quantized tensors are deprecated, still exact
+        warnings.simplefilter("ignore")
+        if axis is None:
+            q = torch.quantize_per_tensor(w, float(scale), int(zero_point), torch.qint8)
+        else:
+            q = torch.quantize_per_channel(w, scale, zero_point, axis, torch.qint8)
+    return q.dequantize()
+
+
+def _same_round_trip(w, scale, ours, theirs) -> bool:
+    """Equal everywhere except at exact ties of ``w / scale`` (float32 division), where
+    torch, which multiplies by ``1 / scale``, may round to the neighbouring integer."""
+    ratio = w / (scale if scale.ndim == 0 else scale[:, None])
+    return bool(((ours == theirs) | (ratio.remainder(1) == 0.5)).all())
+
+
+def _quantize_case(quick, axis):
+    """Section "Quantization": :func:`~companion.quantize.quantize` then
+    :func:`~companion.quantize.dequantize` (scales included) against torch's round trip,
+    on the CPU (torch's quantized tensors are CPU tensors); equal outputs are checked."""
+    from companion.quantize import dequantize, quantize
+
+    n = 64 if quick else 2048
+    w = torch.randn(n, n, generator=torch.Generator().manual_seed(0))
+
+    def ours():
+        return dequantize(*quantize(w, 8, axis=axis), axis=axis)
+
+    scale = quantize(w, 8, axis=axis)[1]
+    if not _same_round_trip(w, scale, ours(), _torch_quantize(w, axis)):
+        raise AssertionError("quantize + dequantize must equal torch's round trip")
+    kind = "tensor" if axis is None else "channel"
+    return Case(ours, lambda: _torch_quantize(w, axis), f"torch.quantize_per_{kind}",
+                f"{n}x{n} fp32, int8 per-{kind}, CPU", work=n * n, work_unit="weights")
+
+
+@benchmark("int8 quantize + dequantize, per-tensor: ours vs torch", "7")
+def _bench_quantize_tensor(device, quick):
+    return _quantize_case(quick, None)
+
+
+@benchmark("int8 quantize + dequantize, per-channel: ours vs torch", "7")
+def _bench_quantize_channel(device, quick):
+    return _quantize_case(quick, 0)
+
+
+@benchmark("magnitude pruning mask: ours vs torch.nn.utils.prune", "7")
+def _bench_prune_mask(device, quick):
+    """Section "Pruning": the keep-mask of the 50 % smallest |w|,
+    :func:`~companion.prune.magnitude_mask` (one stable sort) against
+    ``prune.L1Unstructured.compute_mask`` (what ``l1_unstructured`` calls; a top-k)."""
+    from torch.nn.utils import prune as torch_prune
+
+    from companion.prune import magnitude_mask
+
+    n = 64 if quick else 2048
+    w = torch.randn(n, n, generator=torch.Generator().manual_seed(0)).to(device)
+    method, ones = torch_prune.L1Unstructured(amount=0.5), torch.ones_like(w)
+
+    def reference():
+        return method.compute_mask(w, default_mask=ones)
+
+    if not torch.equal(magnitude_mask(w, 0.5), reference().bool()):
+        raise AssertionError("magnitude_mask must equal l1_unstructured's mask")
+    return Case(lambda: magnitude_mask(w, 0.5), reference, "prune.L1Unstructured",
+                f"{n}x{n}, amount 0.5", work=n * n, work_unit="weights")
+
+
 # --- Chapter 8: distributed training ----------------------------------------------------
 
 
@@ -492,6 +663,106 @@ def _bench_ring_all_reduce(device, quick):
     stacked = torch.stack(tensors)
     return Case(lambda: ring_all_reduce(tensors), lambda: stacked.sum(0), "torch.sum",
                 f"8 x {numel} fp32", work=8 * numel * 4, work_unit="bytes")
+
+
+#: Seconds a rank of the DDP row waits for its peer before failing (never hangs).
+DDP_TIMEOUT = 120.0
+
+
+def _ddp_batch(quick, rank=None):
+    """The row's global batch of token ids, or rank ``rank``'s half of it."""
+    B, T = (4, 32) if quick else (16, 128)
+    x = torch.randint(103, (B, T), generator=torch.Generator().manual_seed(0))
+    return x if rank is None else x.tensor_split(2)[rank]
+
+
+def _ddp_join(rank: int, store, threads: int, quick: bool):
+    """Join the two-rank gloo group on ``store``; return this rank's DDP model and its
+    training step (:func:`_finetune_step`) on its half of the batch."""
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=DDP_TIMEOUT))
+    model = torch.nn.parallel.DistributedDataParallel(_small_gpt("cpu", quick))
+    return model, _finetune_step(model, _ddp_batch(quick, rank))
+
+
+def _ddp_peer(port: int, quick: bool, threads: int) -> None:
+    """Rank 1, in its own process: a DDP step each time rank 0 broadcasts 1, until 0."""
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=False,
+                          timeout=datetime.timedelta(seconds=DDP_TIMEOUT))
+    try:
+        _, step = _ddp_join(1, store, threads, quick)
+        go = torch.ones(1)
+        while True:
+            dist.broadcast(go, src=0)
+            if go.item() != 1:
+                break
+            step()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _start_ddp_peer(quick: bool):
+    """Rank 0 here, rank 1 in a new process (127.0.0.1, a port the OS picks); returns
+    rank 0's model and step, and a ``close`` that stops the peer and leaves the group."""
+    import torch.multiprocessing as mp
+
+    if dist.is_initialized():
+        raise RuntimeError("the DDP row needs this process outside any process group")
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=DDP_TIMEOUT))
+    threads = torch.get_num_threads()
+    peer = mp.get_context("forkserver").Process(target=_ddp_peer, daemon=True,
+                                                args=(store.port, quick, threads))
+    peer.start()
+
+    def close():
+        try:
+            if dist.is_initialized():
+                dist.broadcast(torch.zeros(1), src=0)  # the peer's loop ends
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            peer.join(timeout=10)
+            if peer.is_alive():
+                peer.kill()
+                peer.join()
+
+    try:
+        return (*_ddp_join(0, store, threads, quick), close)
+    except BaseException:
+        close()
+        raise
+
+
+@benchmark("DDP training step, 2 processes (gloo) vs 1 process, same global batch", "8")
+def _bench_ddp(device, quick):
+    """Section "Data parallelism" for real: chapter 4's GPT, one AdamW step on a global
+    batch split over two processes on 127.0.0.1 (DDP all-reduces the gradients), against
+    one process stepping on the whole batch. Each process has the reference's threads.
+    Equal work: after one step both hold the same mean gradient over the global batch."""
+    model, ddp_step, close = _start_ddp_peer(quick)
+    try:
+        single = _small_gpt("cpu", quick)
+        x = _ddp_batch(quick)
+        single_step = _finetune_step(single, x)
+
+        def ours():
+            dist.broadcast(torch.ones(1), src=0)  # the peer takes its step too
+            ddp_step()
+
+        ours(), single_step()
+        for (name, a), b in zip(model.module.named_parameters(), single.parameters(),
+                                strict=True):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+    except BaseException:
+        close()
+        raise
+    c = single.config
+    return Case(ours, single_step, "1 process, whole batch",
+                f"L={c.n_layer} d={c.n_embd} B={len(x)} T={x.shape[1]}, CPU",
+                work=x.numel(), work_unit="tokens", close=close)
 
 
 # --- Chapter 10: fine-tuning -----------------------------------------------------------
@@ -573,6 +844,70 @@ def _bench_onnx_runtime(device, quick):
                 f"L={c.n_layer} d={c.n_embd} B={B} T={T}, CPU", work=B * T, work_unit="tokens")
 
 
+def _burst(url: str, payloads: list[dict]) -> list[int]:
+    """Send ``payloads`` all at once (chapter 11's :func:`~companion.loadtest.open_loop`
+    at 10^4 requests/s, 60 s timeout each); the completion tokens, or an error."""
+    import asyncio
+
+    from companion.loadtest import open_loop
+
+    result = asyncio.run(open_loop(url, payloads, rate=1e4, timeout=60.0))
+    if result.n != len(payloads):
+        raise RuntimeError(f"{url}: status codes {result.status_codes}, expected all 200")
+    return result.completion_tokens
+
+
+def _start_servers(batch_sizes: list[int]):
+    """One ``python -m companion.serve`` per ``max_batch_size`` (continuous batching) on
+    127.0.0.1, each with torch's thread count, started side by side; returns them."""
+    from companion import serve
+
+    servers = [serve.ServerProcess(serve.Limits(max_batch_size=b),
+                                   threads=torch.get_num_threads(), startup_timeout=300.0)
+               for b in batch_sizes]
+    try:
+        for s in servers:
+            s.launch()
+        for s in servers:
+            s.wait_ready()
+    except BaseException:
+        for s in servers:
+            s.stop()
+        raise
+    return servers
+
+
+@benchmark("served tokens/s: batching (16 sequences) vs one sequence at a time", "11")
+def _bench_serving(device, quick):
+    """Section "Why batching helps": the same burst of mixed-length completion requests
+    over real HTTP to the model server with continuous batching of up to 16 sequences
+    and with ``max_batch_size=1`` (no batching), on the CPU. Equal work: both servers
+    answer every request with the same number of completion tokens."""
+    from companion.data import CharCorpus
+    from companion.loadtest import mixed_workload
+
+    corpus = CharCorpus()
+    text = corpus.tokenizer.decode(corpus.val_ids)
+    payloads = mixed_workload(4 if quick else 32, text, torch.Generator().manual_seed(0))
+    servers = _start_servers([16, 1])
+
+    def close():
+        for s in servers:
+            s.__exit__()
+
+    try:
+        batched, single = (_burst(s.url, payloads) for s in servers)
+        if batched != single:
+            raise AssertionError(f"completion tokens differ: {batched} vs {single}")
+    except BaseException:
+        close()
+        raise
+    return Case(lambda: _burst(servers[0].url, payloads),
+                lambda: _burst(servers[1].url, payloads), "max_batch_size=1",
+                f"{len(payloads)} requests at once, pretrained GPT, CPU", work=sum(batched),
+                work_unit="tokens", close=close)
+
+
 # --- Chapter 9: privacy ----------------------------------------------------------------
 
 
@@ -635,7 +970,7 @@ def main(argv: list[str] | None = None) -> int:
     if not results:
         print("no benchmark matched", file=sys.stderr)
         return 1
-    print(f"torch {torch.__version__}, CPU threads: {torch.get_num_threads()}")
+    print(machine_line(args.rounds))
     if args.markdown:
         print()  # a Markdown table needs a blank line before it
     print(format_table(results, markdown=args.markdown))

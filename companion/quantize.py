@@ -12,7 +12,10 @@ A "block" is the whole tensor (``axis=None``), one slice along ``axis`` (per-cha
 ``group_size`` consecutive entries along the last (input) dimension of a 2-D weight
 (group-wise). ``bits`` may be 2..8; values below 8 bits are stored unpacked, one per byte
 (:func:`pack_int4` stores two 4-bit values per byte). For 8 bits the integers equal
-``torch.quantize_per_tensor`` / ``torch.quantize_per_channel(...).int_repr()``.
+``torch.quantize_per_tensor`` / ``torch.quantize_per_channel(...).int_repr()``, except
+where ``w / s`` falls within rounding error of a half-integer: torch computes
+``w * (1 / s)``, which can round such a tie the other way (about one weight in four
+million for random weights; the appendix's benchmark allows exactly those).
 """
 
 from __future__ import annotations
