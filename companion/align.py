@@ -466,11 +466,15 @@ def pair_margins(model: nn.Module, tokenizer: CharTokenizer, pairs: list[dict]):
 
 #: Where the chapter's recorded runs live.
 RECORD = Path(__file__).resolve().parent / "assets" / "alignment_runs.json"
-#: The chapter's budget -- SFT steps, batch and the rate of each SFT variant (one rate,
-#: not tuned); then DPO and SFT on the chosen answers, one learning-rate grid for both,
-#: each rate chosen on :func:`dev_instructions` (:func:`choose_rate`). ``start_lr`` is
-#: the rate of the preference section's SFT start.
-SFT_SETTINGS = {"steps": 40, "batch_size": 8, "lr_grid": {"full": [1e-3], "lora": [3e-3]}}
+#: The chapter's budget -- SFT steps, batch and a learning-rate grid per SFT variant
+#: (full: masked and unmasked; LoRA: masked), each variant's rate chosen on
+#: :func:`dev_instructions` (:func:`choose_rate`); then DPO and SFT on the chosen
+#: answers, one learning-rate grid for both, chosen the same way. ``start_lr`` is the
+#: rate of the preference section's SFT start.
+SFT_SETTINGS = {"steps": 40, "batch_size": 8,
+                "lr_grid": {"full": [3e-4, 1e-3, 3e-3, 1e-2],
+                            "lora": [1e-3, 3e-3, 1e-2, 3e-2]},
+                "select_on": "dev"}
 PREF_SETTINGS = {"steps": 20, "batch_size": 8, "beta": 0.1,
                  "lr_grid": [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3],
                  "noise": [0.0, 0.3], "start_lr": 1e-3, "select_on": "dev"}
@@ -565,6 +569,7 @@ def sft_run(method: str, masked: bool, lr: float, seed: int, steps: int) -> dict
     losses = train_sft(model, corpus.tokenizer, train, steps, lr,
                        SFT_SETTINGS["batch_size"], seed, masked)
     return {"method": method, "masked": masked, "lr": lr, "seed": seed, "losses": losses,
+            "dev": evaluate(model, corpus.tokenizer, dev_instructions(corpus)),
             **evaluate(model, corpus.tokenizer, test, windows)}
 
 

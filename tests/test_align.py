@@ -295,6 +295,7 @@ def test_the_record_holds_every_run_of_the_grid():
             seeds = sorted(r["seed"] for r in sft if r["method"] == method
                            and r["masked"] == masked and r["lr"] == lr)
             assert seeds == sorted(align.SEEDS), (method, masked, lr)
+    assert all("dev" in r for r in sft)  # each variant's rate is chosen on the dev prompts
     assert kinds.count("start") == kinds.count("reward") == n_seeds * n_noise
     assert kinds.count("dpo") == kinds.count("sft") == n_seeds * n_noise * n_lr
     assert kinds.count("long_sft") == n_seeds * len(align.LONG_SFT["eval_at"])
