@@ -38,7 +38,7 @@ from companion import align
 from companion._validate import check_choice, check_float, check_int, check_tensor
 from companion.records import load_record, record_main, write_record
 
-#: The loop's budget, the same for both strategies: a random seed set, then ``rounds``
+#: Both strategies get the same budget -- a random seed set, then ``rounds``
 #: rounds of ``batch`` labels, until the whole pool of 256 is labelled; one L2 strength
 #: for every fit, chosen from ``l2_grid`` on the development pairs (:func:`choose_l2`).
 #: The target is ``target_fraction`` of the accuracy with the whole pool labelled; the

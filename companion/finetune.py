@@ -463,7 +463,8 @@ VARIANTS = {"linear probe": ("head", {}),
             "LoRA r=1": ("lora", {"rank": 1, "alpha": 2.0}),
             "LoRA r=16": ("lora", {"rank": 16, "alpha": 32.0})}
 
-#: Section 10c's rounded base: :func:`companion.quantize.quantize_linear_weights` options.
+#: The options of section 10c's rounded base, for
+#: :func:`companion.quantize.quantize_linear_weights`.
 QUANTIZED_BASE = {"bits": 4, "group_size": 32}
 
 #: The name of section 10c's runs of LoRA r=4 on the rounded base in the record.

@@ -159,12 +159,12 @@ def reward_scores(reward_model: align.RewardModel, tokenizer: CharTokenizer,
 
 #: Where ``python -m companion.reward_opt --record beta_bon`` writes the runs.
 RECORD = Path(__file__).resolve().parent / "assets" / "reward_opt_runs.json"
-#: DPO from the chapter's SFT start at each beta, on clean pairs, at one rate (the one
-#: the chapter chose on its dev prompts for beta = 0.1) and twice the chapter's steps;
+#: DPO from the chapter's SFT start at each beta, on clean pairs, at one fixed rate (not
+#: tuned per beta: a dose-response, not a comparison) and twice the chapter's steps;
 #: KL on the test prompts from ``kl_samples`` responses each.
 BETA_SETTINGS = {"betas": [0.03, 0.1, 0.3, 1.0], "steps": 40, "lr": 3e-4,
                  "batch_size": 8, "noise": 0.0, "kl_samples": 4}
-#: Best of n: ``samples`` responses per test prompt from the SFT start, scored by a
+#: For best of n, ``samples`` responses per test prompt from the SFT start, scored by a
 #: reward model trained (the chapter's settings) on pairs with each ``noise``.
 BON_SETTINGS = {"samples": 32, "noise": [0.0, 0.3], "max_new_tokens": 16}
 SEEDS = (0, 1, 2)
