@@ -197,13 +197,19 @@ def test_lora_shapes_and_memory_arithmetic():
         lora_shapes(LLAMA_7B, ("query",))
 
 
-def test_run_recipe_is_fine_tune_of_the_recipe_and_measures_both_domains():
+@pytest.fixture
+def two_domains():
+    """A tiny 'code' corpus, a 'documentation' corpus, settings, a GPT and its weights."""
     corpus = CharCorpus("abcdefg" * 40)
     original = CharCorpus("gfedcba" * 40, tokenizer=corpus.tokenizer)
     settings = FineTuneSettings(steps=4, batch_size=4, block_size=8, eval_every=2,
                                 eval_windows=2)
     model = small_gpt()
-    pretrained = copy.deepcopy(model.state_dict())
+    return corpus, original, settings, model, copy.deepcopy(model.state_dict())
+
+
+def test_run_recipe_is_fine_tune_of_the_recipe_and_measures_both_domains(two_domains):
+    corpus, original, settings, model, pretrained = two_domains
     for recipe, (method, options, mix) in RECIPES.items():
         net, losses = run_recipe(model, corpus, original, recipe, 1e-2, seed=1,
                                  settings=settings)
@@ -225,13 +231,8 @@ def test_run_recipe_is_fine_tune_of_the_recipe_and_measures_both_domains():
         run_recipe(model, corpus, original, "full", 0.0, seed=0, settings=settings)
 
 
-def test_adapt_is_prepare_adaptation_then_fine_tune_on_a_copy():
-    corpus = CharCorpus("abcdefg" * 40)
-    original = CharCorpus("gfedcba" * 40, tokenizer=corpus.tokenizer)
-    settings = FineTuneSettings(steps=4, batch_size=4, block_size=8, eval_every=2,
-                                eval_windows=2)
-    model = small_gpt()
-    pretrained = copy.deepcopy(model.state_dict())
+def test_adapt_is_prepare_adaptation_then_fine_tune_on_a_copy(two_domains):
+    corpus, original, settings, model, pretrained = two_domains
     net, history = adapt(model, corpus, "lora", 1e-2, 2, settings,
                          options={"rank": 2, "alpha": 4.0}, original=original,
                          mix_fraction=0.5)
