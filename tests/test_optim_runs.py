@@ -89,9 +89,13 @@ def test_a_whole_full_batch_run_matches_the_record(record, digits):
     history = train_sweep_run(n, 2.0, digits)
     _close(history.epoch_train_loss, record["sweep"][n, 2.0].epoch_train_loss)
     _close(history.epoch_val_accuracy, record["sweep"][n, 2.0].epoch_val_accuracy)
-    model, history = train_full_batch(4.0, digits, epochs=30)
-    _close(history.epoch_train_loss, record["long"][4.0].epoch_train_loss[:30])
+    model, history = train_full_batch(0.5, digits, epochs=30)
+    _close(history.epoch_train_loss, record["long"][0.5].epoch_train_loss[:30])
     assert isinstance(model, torch.nn.Linear) and history.epoch_val_accuracy == []
+    # at rate 4 the loss oscillates upwards, and other CPU kernels' rounding grows with
+    # it (0.5 % by epoch 20 under AVX2+MKL): only its first epochs are compared
+    _, history = train_full_batch(4.0, digits, epochs=3)
+    _close(history.epoch_train_loss, record["long"][4.0].epoch_train_loss[:3])
 
 
 def test_other_settings_are_refused(tmp_path):
