@@ -7,8 +7,11 @@ or the same split every run.
 
 from __future__ import annotations
 
+import copy
 import functools
+import json
 
+import pytest
 import torch
 
 from companion.data import load_digits_split
@@ -33,3 +36,15 @@ def tiny_gpt(vocab_size: int = 11, block_size: int = 16, *, n_layer: int = 2, n_
 def digits_split(dtype: torch.dtype = torch.float32):
     """scikit-learn's digits, split and scaled as the book does (cached: read once)."""
     return load_digits_split(dtype=dtype)
+
+
+def assert_refused(load, record: dict, *changes, tmp_path, match: str = "re-record"):
+    """Each ``change`` applied to a copy of ``record``, written to disk, is refused by
+    ``load(path)`` with a ValueError matching ``match`` (a record's settings check)."""
+    for change in changes:
+        changed = copy.deepcopy(record)
+        change(changed)
+        path = tmp_path / "changed.json"
+        path.write_text(json.dumps(changed))
+        with pytest.raises(ValueError, match=match):
+            load(path)

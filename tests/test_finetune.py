@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from factories import tiny_gpt
+from factories import assert_refused, tiny_gpt
 
 from companion.data import CharCorpus
 from companion.finetune import (
@@ -292,13 +292,7 @@ def test_lr_grid_record_is_complete_and_refuses_other_settings(tmp_path):
                lambda r: r.update(lr_grid=[1e-3]),
                lambda r: r["recipes"]["LoRA r=4"][1].update(rank=8),
                lambda r: r["runs"].pop())
-    for change in changes:
-        changed = copy.deepcopy(record)
-        change(changed)
-        path = tmp_path / "grid.json"
-        path.write_text(json.dumps(changed))
-        with pytest.raises(ValueError, match="re-record"):
-            load_lr_grid_record(path)
+    assert_refused(load_lr_grid_record, record, *changes, tmp_path=tmp_path)
 
 
 def test_adaptation_record_is_complete_and_refuses_other_settings(tmp_path):
@@ -330,10 +324,5 @@ def test_adaptation_record_is_complete_and_refuses_other_settings(tmp_path):
                lambda r: r["settings"]["quantized"].update(bits=8),
                lambda r: r["settings"]["half_docs"].update(mix_fraction=0.25),
                lambda r: r["runs"].pop())
-    for change in changes:
-        changed = copy.deepcopy(record)
-        change(changed)
-        path = tmp_path / "adaptation.json"
-        path.write_text(json.dumps(changed))
-        with pytest.raises(ValueError, match="re-record"):
-            load_adaptation_record(path, grid=grid)
+    assert_refused(lambda path: load_adaptation_record(path, grid=grid), record, *changes,
+                   tmp_path=tmp_path)

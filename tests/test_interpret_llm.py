@@ -38,7 +38,7 @@ from companion.interpret import (
     perturbation_curve,
     token_ablation,
 )
-from tests.factories import tiny_gpt
+from tests.factories import assert_refused, tiny_gpt
 
 ALPHABET = "abcdefghij "  # 11 characters: tiny_gpt's vocabulary
 PROMPT = "a big cafe h"
@@ -203,12 +203,8 @@ def test_text_deletion_record_loads_and_checks_its_settings(tmp_path):
     curve = study["spaces"]["IG"]
     assert curve.scores.shape == (s["n_windows"], s["n_points"])
     assert curve.fractions[0] == 0 and curve.fractions[-1] == 1
-    record = json.loads(TEXT_DELETION_RECORD.read_text())
-    record["settings"] = {**record["settings"], "n_steps": 16}
-    other = tmp_path / "other.json"
-    other.write_text(json.dumps(record))
-    with pytest.raises(ValueError, match="re-record"):
-        load_text_deletion(other)
+    assert_refused(load_text_deletion, json.loads(TEXT_DELETION_RECORD.read_text()),
+                   lambda r: r["settings"].update(n_steps=16), tmp_path=tmp_path)
 
 
 def test_matched_deletion_is_captums_ig_against_the_replacement_and_its_curve():
@@ -244,9 +240,5 @@ def test_matched_deletion_record_loads_and_checks_its_settings(tmp_path):
     assert ig.shape == (s["n_windows"], s["length"]) and torch.isfinite(ig).all()
     assert curve.scores.shape == (s["n_windows"], s["n_points"])
     assert curve.fractions[0] == 0 and curve.fractions[-1] == 1
-    record = json.loads(MATCHED_DELETION_RECORD.read_text())
-    record["settings"] = {**record["settings"], "n_steps": 32}
-    other = tmp_path / "other.json"
-    other.write_text(json.dumps(record))
-    with pytest.raises(ValueError, match="re-record"):
-        load_matched_deletion(other)
+    assert_refused(load_matched_deletion, json.loads(MATCHED_DELETION_RECORD.read_text()),
+                   lambda r: r["settings"].update(n_steps=32), tmp_path=tmp_path)
