@@ -12,15 +12,19 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Mapping, Sequence
 
+import matplotlib.colors as mcolors
 import matplotlib.pyplot as plt
 import numpy as np
-import seaborn as sns
 import torch
+from cycler import cycler
 
 from companion._validate import check_batch
 
-#: Colour-blind-safe palette used for every line and bar in the book.
-PALETTE = sns.color_palette("colorblind")
+#: Colour-blind-safe palette used for every line and bar in the book: seaborn's
+#: ``color_palette("colorblind")`` as RGB triples.
+PALETTE = [mcolors.to_rgb(c) for c in ("#0173b2", "#de8f05", "#029e73", "#d55e00",
+                                       "#cc78bc", "#ca9161", "#fbafe4", "#949494",
+                                       "#ece133", "#56b4e9")]
 #: Colormap for sequential quantities (attributions, attention weights, counts).
 SEQUENTIAL_CMAP = "viridis"
 #: Colormap for signed quantities centred on zero (attributions, differences).
@@ -46,16 +50,42 @@ _RC = {
     "svg.hashsalt": "companion",  # deterministic ids if a reader saves SVG
 }
 
+# seaborn's theme, ``sns.set_theme(context="notebook", style="whitegrid")``, written out
+# (less the keys _RC sets): importing seaborn costs every notebook over a second of
+# start-up, and only :func:`heatmap` needs seaborn itself. tests/test_plotting.py checks
+# these against seaborn's own ``axes_style`` and ``plotting_context``.
+_SEABORN_THEME = {
+    "axes.axisbelow": True, "axes.edgecolor": ".8", "axes.facecolor": "white",
+    "axes.grid": True, "axes.labelcolor": ".15", "axes.linewidth": 1.25,
+    "axes.spines.bottom": True, "axes.spines.left": True, "axes.spines.right": True,
+    "axes.spines.top": True, "figure.facecolor": "white", "font.family": ["sans-serif"],
+    "font.sans-serif": ["Arial", "DejaVu Sans", "Liberation Sans", "Bitstream Vera Sans",
+                        "sans-serif"],
+    "font.size": 12, "grid.color": ".8", "grid.linestyle": "-", "grid.linewidth": 1,
+    "legend.title_fontsize": 12, "lines.markersize": 6, "lines.solid_capstyle": "round",
+    "patch.edgecolor": "w", "patch.force_edgecolor": True, "patch.linewidth": 1,
+    "text.color": ".15", "xtick.bottom": False, "xtick.color": ".15",
+    "xtick.direction": "out", "xtick.major.size": 6, "xtick.major.width": 1.25,
+    "xtick.minor.size": 4, "xtick.minor.width": 1, "xtick.top": False,
+    "ytick.color": ".15", "ytick.direction": "out", "ytick.left": False,
+    "ytick.major.size": 6, "ytick.major.width": 1.25, "ytick.minor.size": 4,
+    "ytick.minor.width": 1, "ytick.right": False,
+}
+
 
 def use_book_style() -> None:
-    """Set the book's matplotlib/seaborn style for the rest of the session.
+    """Set the book's matplotlib style for the rest of the session.
 
-    Idempotent. In a notebook it also selects PNG figures for the inline backend,
-    which is what the stored outputs of the book contain, at a fixed size: the figure's
-    own size times ``figure.dpi`` (no cropping to the drawn content), so that a stored
-    figure and a fresh one can be compared pixel by pixel (``tools/nbval_tolerant.py``).
+    seaborn's whitegrid theme in its notebook context, with :data:`PALETTE` as the
+    colour cycle and the book's sizes on top. Idempotent. In a notebook it also selects
+    PNG figures for the inline backend, which is what the stored outputs of the book
+    contain, at a fixed size: the figure's own size times ``figure.dpi`` (no cropping to
+    the drawn content), so that a stored figure and a fresh one can be compared pixel by
+    pixel (``tools/nbval_tolerant.py``).
     """
-    sns.set_theme(context="notebook", style="whitegrid", palette=PALETTE, rc=_RC)
+    plt.rcParams.update(_SEABORN_THEME)
+    plt.rcParams.update(_RC)
+    plt.rcParams["axes.prop_cycle"] = cycler(color=PALETTE)
     try:  # only inside IPython/Jupyter
         from IPython import get_ipython
         from matplotlib_inline.backend_inline import set_matplotlib_formats
@@ -120,6 +150,8 @@ def heatmap(
     Tensors are moved to the CPU; ``center=0`` with :data:`DIVERGING_CMAP` suits
     signed values.
     """
+    import seaborn as sns  # imported here: it costs a second, and only heatmaps need it
+
     values = np.asarray(matrix.detach().cpu() if hasattr(matrix, "detach") else matrix)
     if values.ndim != 2:
         raise ValueError(f"matrix must be 2-D, got shape {values.shape}")

@@ -4,6 +4,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -25,6 +28,33 @@ def test_style_sets_figure_size_and_palette():
     assert plt.rcParams["axes.titleweight"] == "bold"
     first_colour = plt.rcParams["axes.prop_cycle"].by_key()["color"][0]
     assert matplotlib.colors.to_hex(first_colour) == matplotlib.colors.to_hex(plotting.PALETTE[0])
+
+
+def test_style_is_seaborns_theme_without_importing_seaborn():
+    """use_book_style sets exactly what sns.set_theme(whitegrid, notebook) would."""
+    import seaborn as sns
+
+    assert [tuple(c) for c in sns.color_palette("colorblind")] == plotting.PALETTE
+    try:
+        matplotlib.rcdefaults()
+        sns.set_theme(context="notebook", style="whitegrid", palette=plotting.PALETTE,
+                      rc=plotting._RC)
+        expected = dict(plt.rcParams)
+        matplotlib.rcdefaults()
+        plotting.use_book_style()
+        got = dict(plt.rcParams)
+    finally:
+        matplotlib.rcdefaults()
+        plotting.use_book_style()
+    assert {k for k in expected if expected[k] != got[k]} == set()
+
+
+def test_the_book_style_does_not_import_seaborn():
+    code = ("import sys; from companion.plotting import use_book_style; use_book_style(); "
+            "print('seaborn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip() == "False"
 
 
 def test_subplots_scales_with_grid_and_sets_title():
