@@ -27,8 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.datasets import load_breast_cancer, load_digits
-from sklearn.model_selection import train_test_split
 
 from companion._validate import check_int
 
@@ -53,6 +51,8 @@ class Split:
 def _split(X, y, test_size, seed, device, dtype) -> Split:
     if not 0.0 < test_size < 1.0:
         raise ValueError(f"test_size must be in (0, 1), got {test_size}")
+    from sklearn.model_selection import train_test_split  # here: the text sets need no sklearn
+
     X_tr, X_te, y_tr, y_te = train_test_split(
         X, y, test_size=test_size, random_state=seed, stratify=y
     )
@@ -73,6 +73,8 @@ def load_digits_split(test_size: float = 0.25, seed: int = 0, device=None,
     ``X_*`` has shape ``(n, 64)``; reshape to ``(n, 8, 8)`` to draw an image.
     With the defaults: 1,347 training and 450 test images.
     """
+    from sklearn.datasets import load_digits
+
     digits = load_digits()
     return _split(digits.data / 16.0, digits.target, test_size, seed, device, dtype)
 
@@ -84,6 +86,8 @@ def load_breast_cancer_split(test_size: float = 0.25, seed: int = 0, device=None
     Labels follow scikit-learn: 1 = benign, 0 = malignant. Statistics come
     from the training rows only, so nothing of the test rows leaks into them.
     """
+    from sklearn.datasets import load_breast_cancer
+
     data = load_breast_cancer()
     split = _split(data.data, data.target, test_size, seed, device, torch.float64)
     mean, std = split.X_train.mean(0), split.X_train.std(0)
