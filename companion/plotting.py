@@ -16,7 +16,6 @@ import matplotlib.colors as mcolors
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from cycler import cycler
 
 from companion._validate import check_batch
 
@@ -85,7 +84,7 @@ def use_book_style() -> None:
     """
     plt.rcParams.update(_SEABORN_THEME)
     plt.rcParams.update(_RC)
-    plt.rcParams["axes.prop_cycle"] = cycler(color=PALETTE)
+    plt.rcParams["axes.prop_cycle"] = plt.cycler(color=PALETTE)
     try:  # only inside IPython/Jupyter
         from IPython import get_ipython
         from matplotlib_inline.backend_inline import set_matplotlib_formats
