@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from companion._validate import check_int, check_tensor, check_type
+from companion._validate import check_float, check_int, check_tensor, check_type
 from companion.records import load_record, record_main, write_record
 from companion.transformer import KVCache, causal_mask
 
@@ -730,11 +730,104 @@ def load_scaling_sweep(path: str | Path = SCALING_SWEEP_RECORD) -> dict:
     return load_record(path, SWEEP, "python -m companion.decoder --record scaling-sweep")
 
 
+# --------------------------------------------------------------------------- load balancing
+# A recorded experiment (book: "Mixture of experts"): a small MoE decoder trained without
+# and with the auxiliary loss, three seeds each; every ``eval_every`` steps, the loss on
+# held-out text and the share of routed tokens that each layer's busiest expert receives.
+
+MOE_BALANCE_RECORD = Path(__file__).parent / "assets" / "moe_balance.json"
+MOE_BALANCE = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 32,
+               "n_experts": 8, "top_k": 2, "block": 32, "batch": 16, "steps": 60,
+               "lr": 3e-3, "aux_weights": (0.0, 0.1), "seeds": (0, 1, 2),
+               "val_windows": 32, "val_seed": 9, "eval_every": 10}
+
+
+def moe_balance_config(vocab_size: int) -> DecoderConfig:
+    """The experiment's decoder: 2 layers of width 32, 8 SwiGLU experts, ``top_k`` 2."""
+    c = MOE_BALANCE
+    return DecoderConfig(vocab_size=vocab_size, dim=c["dim"], n_layers=c["n_layers"],
+                         n_heads=c["n_heads"], n_kv_heads=c["n_kv_heads"],
+                         hidden_dim=c["hidden_dim"], max_seq_len=c["block"],
+                         n_experts=c["n_experts"], top_k=c["top_k"])
+
+
+@torch.no_grad()
+def busiest_expert_share(model: Decoder, ids: torch.Tensor) -> float:
+    """The share of routed tokens that each layer's busiest expert gets on ``ids (B, T)``,
+    averaged over the layers (uniform routing: ``1 / n_experts``)."""
+    model(ids)
+    loads = torch.stack([b.mlp.tokens_per_expert() for b in model.layers]).double()  # (L, E)
+    return (loads.amax(1) / loads.sum(1)).mean().item()
+
+
+def train_moe_balance(aux_weight: float, seed: int, steps: int | None = None,
+                      corpus=None) -> dict:
+    """Train the experiment's MoE decoder on ``lm + aux_weight * load_balancing_loss``.
+
+    Returns the validation loss (nats) and :func:`busiest_expert_share` at step 0 and
+    every ``eval_every`` steps; a shorter ``steps`` trains a prefix of the same run.
+    """
+    from companion.data import CharCorpus
+    from companion.device import seed_everything
+
+    c = MOE_BALANCE
+    check_float("aux_weight", aux_weight, low=0)
+    steps = c["steps"] if steps is None else check_int("steps", steps, low=0)
+    corpus = CharCorpus() if corpus is None else corpus
+    val_x, val_y = corpus.get_batch("val", c["val_windows"], c["block"],
+                                    generator=torch.Generator().manual_seed(c["val_seed"]))
+    seed_everything(check_int("seed", seed, low=0))
+    model = Decoder(moe_balance_config(corpus.vocab_size))
+    opt = torch.optim.AdamW(model.parameters(), lr=c["lr"])
+    g = torch.Generator().manual_seed(seed)  # the training batches
+    record = {"step": [], "val": [], "busiest": []}
+
+    def evaluate(step):
+        record["step"].append(step)
+        record["val"].append(_mean_loss(model, val_x, val_y))
+        record["busiest"].append(busiest_expert_share(model, val_x))
+
+    evaluate(0)
+    for step in range(1, steps + 1):
+        x, y = corpus.get_batch("train", c["batch"], c["block"], generator=g)
+        lm = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        aux = load_balancing_loss(model.router_logits(), c["n_experts"], c["top_k"])
+        (lm + aux_weight * aux).backward()
+        opt.step()
+        opt.zero_grad()
+        if step % c["eval_every"] == 0 or step == steps:
+            evaluate(step)
+    return record
+
+
+def record_moe_balance(path: str | Path = MOE_BALANCE_RECORD, log=print) -> dict:
+    """Train every (auxiliary weight, seed) pair once and write the curves to ``path``."""
+    from companion.data import CharCorpus
+
+    c, corpus, runs = MOE_BALANCE, CharCorpus(), []
+    for aux_weight in c["aux_weights"]:
+        for seed in c["seeds"]:
+            out = train_moe_balance(aux_weight, seed, corpus=corpus)
+            runs.append({"aux_weight": aux_weight, "seed": seed, **out})
+            log(f"aux {aux_weight:g} seed {seed}: busiest {out['busiest'][0]:.3f} -> "
+                f"{out['busiest'][-1]:.3f}, val {out['val'][-1]:.4f}")
+    return write_record(path, "a small MoE decoder trained without and with the "
+                        "load-balancing loss (companion.decoder.record_moe_balance)", c,
+                        runs=runs)
+
+
+def load_moe_balance(path: str | Path = MOE_BALANCE_RECORD) -> dict:
+    """The recorded experiment; raises ``ValueError`` if its settings are not the book's."""
+    return load_record(path, MOE_BALANCE, "python -m companion.decoder --record moe-balance")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m companion.decoder --record block-comparison|scaling-sweep [--out PATH]``."""
+    """``python -m companion.decoder --record block-comparison|scaling-sweep|moe-balance
+    [--out PATH]``."""
     return record_main("python -m companion.decoder",
                        {"block-comparison": record_block_comparison,
-                        "scaling-sweep": record_scaling_sweep}, argv,
+                        "scaling-sweep": record_scaling_sweep,
+                        "moe-balance": record_moe_balance}, argv,
                        description="Record the chapter's long training runs.", threads=1)
 
 

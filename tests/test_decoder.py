@@ -457,3 +457,47 @@ def test_scaling_sweep_helpers(tmp_path):
     path.write_text(json.dumps({"settings": {"lr": 1.0}, "runs": []}))
     with pytest.raises(ValueError, match="re-record"):
         decoder.load_scaling_sweep(path)
+
+
+# --------------------------------------------------------------------------- load balancing
+
+
+def test_busiest_expert_share_counts_the_routed_tokens():
+    torch.manual_seed(0)
+    model = Decoder(decoder.moe_balance_config(20))
+    ids = torch.randint(0, 20, (4, 16), generator=gen())
+    share = decoder.busiest_expert_share(model, ids)
+    shares = []
+    for logits in model.router_logits():  # (64, 8) per layer
+        chosen = torch.topk(logits, 2, dim=-1).indices.reshape(-1).tolist()
+        shares.append(max(chosen.count(e) for e in range(8)) / len(chosen))
+    assert share == pytest.approx(sum(shares) / len(shares), rel=1e-12)
+    assert 1 / 8 <= share <= 1 / 2
+
+
+def test_moe_balance_prefix_is_deterministic_and_matches_the_record(tmp_path):
+    from factories import assert_refused
+
+    a = decoder.train_moe_balance(0.1, 0, steps=10)
+    b = decoder.train_moe_balance(0.1, 0, steps=10)
+    assert a["step"] == [0, 10] and a == b
+    record = decoder.load_moe_balance()
+    c = decoder.MOE_BALANCE
+    assert [(r["aux_weight"], r["seed"]) for r in record["runs"]] == \
+        [(w, s) for w in c["aux_weights"] for s in c["seeds"]]
+    stored = next(r for r in record["runs"] if r["aux_weight"] == 0.1 and r["seed"] == 0)
+    assert stored["step"] == list(range(0, c["steps"] + 1, c["eval_every"]))
+    for key in ("val", "busiest"):  # float32 training: 1e-3 covers other CPU kernels
+        assert a[key] == pytest.approx(stored[key][:2], abs=1e-3)
+    assert_refused(decoder.load_moe_balance, record,
+                   lambda r: r["settings"].update(steps=61),
+                   lambda r: r["settings"].update(aux_weights=[0.0, 0.01]),
+                   tmp_path=tmp_path)
+
+
+def test_train_moe_balance_rejects_bad_arguments():
+    for kwargs, name in (({"aux_weight": -0.1, "seed": 0}, "aux_weight"),
+                         ({"aux_weight": 0.1, "seed": -1}, "seed"),
+                         ({"aux_weight": 0.1, "seed": 0, "steps": -1}, "steps")):
+        with pytest.raises(ValueError, match=name):
+            decoder.train_moe_balance(**kwargs)
