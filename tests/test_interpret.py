@@ -389,6 +389,32 @@ def test_shapley_values_of_an_additive_model_are_its_terms():
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-13)
 
 
+@pytest.mark.parametrize("batch_size", [1, 7, 64, 96, 1000])
+def test_shapley_values_in_batches_equal_one_batch(batch_size):
+    net, x, b = _mlp(), _data(3), _data(1, seed=4)
+    mask = torch.tensor([0, 1, 2, 3, 4, 4])  # 2^5 coalitions of 3 examples: 96 rows
+    rows = []
+
+    def counted(z):
+        rows.append(len(z))
+        return net(z)
+
+    one = shapley_values(net, x, b, [0, 3, 2], feature_mask=mask)
+    batched = shapley_values(counted, x, b, [0, 3, 2], feature_mask=mask,
+                             batch_size=batch_size)
+    torch.testing.assert_close(batched, one, rtol=0, atol=1e-13)
+    assert sum(rows) == 96 and max(rows) == min(batch_size, 96)
+
+
+@pytest.mark.parametrize("batch_size, error, match", [
+    (0, ValueError, "batch_size must be >= 1"), (2.0, TypeError, "batch_size must be an int"),
+])
+def test_shapley_values_bad_batch_size(batch_size, error, match):
+    with pytest.raises(error, match=match):
+        shapley_values(_mlp(), _data(2), target=0, feature_mask=torch.arange(6),
+                       batch_size=batch_size)
+
+
 @pytest.mark.parametrize("mask, error, match", [
     (torch.tensor([0, 1, 2]), ValueError, r"shape of one example, \(6,\)"),
     (torch.tensor([0, 1, 1, 1, 3, 3]), ValueError, "every group id"),

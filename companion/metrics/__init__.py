@@ -43,8 +43,6 @@ Beyond scikit-learn: :func:`calibration_bins` and :func:`expected_calibration_er
 
 from __future__ import annotations
 
-from sklearn.exceptions import UndefinedMetricWarning  # noqa: F401 (for warning filters)
-
 from .calibration import (
     brier_score_loss,
     calibration_bins,
@@ -80,6 +78,17 @@ __all__ = [
     "calibration_bins", "expected_calibration_error", "fit_temperature", "perplexity",
     "BootstrapResult", "bootstrap_ci",
 ]
+
+
+def __getattr__(name: str):
+    """``UndefinedMetricWarning`` (scikit-learn's class, for warning filters), imported on
+    first use so that importing this package does not import scikit-learn."""
+    if name == "UndefinedMetricWarning":
+        from ._sklearn import undefined_metric_warning
+
+        return undefined_metric_warning()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # The public home of every name is ``companion.metrics``: the API page, doctest, pickling
 # and the "notebooks do not redefine the package" test find them here.

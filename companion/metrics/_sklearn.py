@@ -16,7 +16,6 @@ import warnings
 
 import numpy as np
 import torch
-from sklearn.exceptions import UndefinedMetricWarning
 
 from companion._validate import (
     check_label_list,
@@ -30,6 +29,15 @@ from companion._validate import (
 )
 
 from ._common import unique
+
+
+def undefined_metric_warning() -> type[Warning]:
+    """scikit-learn's ``UndefinedMetricWarning``, imported on first use: importing
+    scikit-learn takes about a second, which a caller that never warns need not pay."""
+    from sklearn.exceptions import UndefinedMetricWarning
+
+    return UndefinedMetricWarning
+
 
 AVERAGES = (None, "micro", "macro", "weighted", "binary")
 #: Label sets for which the positive class is 1 without a ``pos_label``.
@@ -90,7 +98,7 @@ def divide(numerator, denominator, metric, modifier, warn_for, zero_division):
             where = "due to" if len(result) == 1 else "in labels with"
             warnings.warn(f"{metric.capitalize()} is ill-defined and being set to 0.0 {where} "
                           f"no {modifier} samples. Use `zero_division` parameter to control "
-                          "this behavior.", UndefinedMetricWarning, stacklevel=3)
+                          "this behavior.", undefined_metric_warning(), stacklevel=3)
     return result
 
 
@@ -149,7 +157,7 @@ def rate(counts: torch.Tensor, kind: str, name: str) -> torch.Tensor:
     """``counts / counts[-1]``; NaN and a warning if there are no ``kind`` samples."""
     if counts[-1] <= 0:
         warnings.warn(f"No {kind} samples in y_true, {name} positive value should be "
-                      "meaningless", UndefinedMetricWarning, stacklevel=4)
+                      "meaningless", undefined_metric_warning(), stacklevel=4)
         return torch.full_like(counts, math.nan)
     return counts / counts[-1]
 
@@ -167,7 +175,7 @@ def one_class_only(positive: torch.Tensor, weights: torch.Tensor | None) -> bool
     counted = positive if weights is None else positive[weights != 0]
     if counted.all() or not counted.any():
         warnings.warn("Only one class is present in y_true. ROC AUC score is not defined "
-                      "in that case.", UndefinedMetricWarning, stacklevel=4)
+                      "in that case.", undefined_metric_warning(), stacklevel=4)
         return True
     return False
 
