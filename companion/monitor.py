@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from companion._optional import require
-from companion._validate import check_float, check_int, check_type
+from companion._validate import check_float, check_int, check_number, check_type
 from companion.transformer import GPT
 
 
@@ -112,8 +113,10 @@ class DriftMonitor:
     """Flags windows of prompts whose characters or loss differ from the training text.
 
     ``reference`` is the training text (its character distribution is ``p``).
-    :meth:`calibrate` sets each threshold to the largest score seen on in-distribution
-    windows times ``margin``; :meth:`check` scores a window and compares.
+    :meth:`calibrate` scores in-distribution windows and sets each threshold to the
+    largest score seen times ``margin``; :meth:`check` scores a window and compares.
+    The scores do not depend on the thresholds: :meth:`with_margin` and :meth:`judge`
+    apply other thresholds to scores already computed, without a forward pass.
     """
 
     def __init__(self, model: GPT, vocab: str, reference: str):
@@ -122,6 +125,7 @@ class DriftMonitor:
         check_type("reference", reference, str)
         self.model, self.vocab = model.eval(), vocab
         self.expected = char_distribution([reference], vocab)
+        self.calibration_scores: list[tuple[float, float]] = []
         self.psi_threshold = math.inf
         self.loss_threshold = math.inf
 
@@ -131,18 +135,38 @@ class DriftMonitor:
                 per_char_loss(self.model, window, self.vocab))
 
     def calibrate(self, windows: list[list[str]], margin: float = 1.1) -> DriftMonitor:
-        """Thresholds = ``margin`` x the largest PSI and loss over in-distribution ``windows``."""
+        """Thresholds = ``margin`` x the largest PSI and loss over in-distribution ``windows``
+        (their scores are kept in ``calibration_scores``)."""
         check_float("margin", margin, low=1.0)
         check_int("len(windows)", len(windows), low=1)
-        scores = [self.scores(w) for w in windows]
-        self.psi_threshold = margin * max(s[0] for s in scores)
-        self.loss_threshold = margin * max(s[1] for s in scores)
+        self.calibration_scores = [self.scores(w) for w in windows]
+        self._set_thresholds(margin)
         return self
+
+    def with_margin(self, margin: float) -> DriftMonitor:
+        """A copy calibrated on the same windows with another ``margin``: the kept
+        calibration scores, new thresholds (no forward pass)."""
+        check_float("margin", margin, low=1.0)
+        if not self.calibration_scores:
+            raise ValueError("with_margin needs a calibrated monitor: call calibrate first")
+        other = copy.copy(self)
+        other._set_thresholds(margin)
+        return other
+
+    def _set_thresholds(self, margin: float) -> None:
+        largest = torch.tensor(self.calibration_scores, dtype=torch.float64).amax(0)  # (2,)
+        if not torch.isfinite(largest).all():  # amax keeps a NaN, max() would drop it
+            raise ValueError(f"the calibration scores must be finite, got largest {largest}")
+        self.psi_threshold, self.loss_threshold = (margin * largest).tolist()
+
+    def judge(self, psi: float, loss: float) -> DriftReport:
+        """The report of a window with these scores against this monitor's thresholds."""
+        return DriftReport(check_number("psi", psi), check_number("loss", loss),
+                           self.psi_threshold, self.loss_threshold)
 
     def check(self, window: list[str]) -> DriftReport:
         """Score ``window`` against the calibrated thresholds."""
-        p, loss = self.scores(window)
-        return DriftReport(p, loss, self.psi_threshold, self.loss_threshold)
+        return self.judge(*self.scores(window))
 
 
 def text_windows(text: str, num_windows: int, prompts_per_window: int, prompt_chars: int,

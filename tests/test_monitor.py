@@ -73,3 +73,34 @@ def test_drift_monitor_quiet_on_reference_loud_on_logs():
     assert all(r.loss > r.loss_threshold for r in loud)
     logs = monitor.log_line_prompts(3, 40, torch.Generator().manual_seed(1))
     assert all(len(line) == 40 and set(line) <= set(vocab) for line in logs)
+
+
+def test_with_margin_and_judge_reuse_the_scores():
+    # float64 model: the reused scores must equal a fresh calibration with that margin
+    model = tiny_gpt(vocab_size=4, block_size=8, n_layer=1, n_head=1, n_embd=8).eval()
+    vocab, g = "abcd", torch.Generator().manual_seed(0)
+    text = "".join("abcd"[i] for i in torch.randint(0, 3, (400,), generator=g).tolist())
+    windows = monitor.text_windows(text, 5, 4, 6, g)
+    m = monitor.DriftMonitor(model, vocab, text)
+    with pytest.raises(ValueError, match="calibrate first"):
+        m.with_margin(1.5)
+    m.calibrate(windows)
+    fresh = monitor.DriftMonitor(model, vocab, text).calibrate(windows, margin=1.5)
+    wide = m.with_margin(1.5)
+    assert (wide.psi_threshold, wide.loss_threshold) == (
+        fresh.psi_threshold, fresh.loss_threshold)
+    assert m.psi_threshold == 1.1 * max(s[0] for s in m.calibration_scores)  # unchanged
+    assert wide.psi_threshold > m.psi_threshold and wide.loss_threshold > m.loss_threshold
+    shifted = ["dddddd", "ddddda", "dddddd", "dadddd"]  # 'd' is absent from the text
+    for window in [*windows, shifted]:
+        report = m.check(window)
+        assert wide.judge(report.psi, report.loss) == fresh.check(window)
+        assert m.judge(*m.scores(window)) == report
+    assert m.check(shifted).drift and not m.with_margin(1e6).check(shifted).drift
+    with pytest.raises(ValueError, match="margin"):
+        m.with_margin(0.5)
+    with pytest.raises(TypeError, match="psi"):
+        m.judge("0.1", 1.0)
+    m.scores = lambda window: (math.nan, 1.0)  # a NaN score fails, not drops out of max
+    with pytest.raises(ValueError, match="finite"):
+        m.calibrate(windows)
