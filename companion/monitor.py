@@ -106,7 +106,8 @@ class DriftReport:
 
     @property
     def drift(self) -> bool:
-        return self.psi > self.psi_threshold or self.loss > self.loss_threshold
+        """Either score above its threshold; a NaN score counts as drift (it is not below)."""
+        return not (self.psi <= self.psi_threshold and self.loss <= self.loss_threshold)
 
 
 class DriftMonitor:

@@ -487,8 +487,10 @@ def test_moe_balance_prefix_is_deterministic_and_matches_the_record(tmp_path):
         [(w, s) for w in c["aux_weights"] for s in c["seeds"]]
     stored = next(r for r in record["runs"] if r["aux_weight"] == 0.1 and r["seed"] == 0)
     assert stored["step"] == list(range(0, c["steps"] + 1, c["eval_every"]))
-    for key in ("val", "busiest"):  # float32 training: 1e-3 covers other CPU kernels
-        assert a[key] == pytest.approx(stored[key][:2], abs=1e-3)
+    # float32 training: 0 on the recording's kernels, 4.8e-7 under the default and
+    # avx2-mkl variants; switching the auxiliary loss off moves step 10 by 2.4e-3 (loss)
+    for key in ("val", "busiest"):
+        assert a[key] == pytest.approx(stored[key][:2], rel=0, abs=1e-4)
     assert_refused(decoder.load_moe_balance, record,
                    lambda r: r["settings"].update(steps=61),
                    lambda r: r["settings"].update(aux_weights=[0.0, 0.01]),

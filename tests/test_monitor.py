@@ -101,6 +101,8 @@ def test_with_margin_and_judge_reuse_the_scores():
         m.with_margin(0.5)
     with pytest.raises(TypeError, match="psi"):
         m.judge("0.1", 1.0)
+    assert m.judge(math.nan, 0.0).drift and m.judge(0.0, math.nan).drift  # NaN: alarm
+    assert not m.judge(m.psi_threshold, m.loss_threshold).drift  # at the threshold: quiet
     m.scores = lambda window: (math.nan, 1.0)  # a NaN score fails, not drops out of max
     with pytest.raises(ValueError, match="finite"):
         m.calibrate(windows)
