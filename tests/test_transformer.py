@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from companion import benchmarks
 from companion.compat import load_attention_from_torch, load_block_from_torch
 from companion.scale import TransformerConfig, parameter_count
 from companion.transformer import (
@@ -593,17 +592,3 @@ def test_bf16_autocast_on_cuda_is_close_to_float32():
         logits, _ = model(x)
     assert logits.dtype == torch.bfloat16
     torch.testing.assert_close(logits.float(), reference, atol=0.05, rtol=0.05)
-
-
-# --------------------------------------------------------------------------- benchmark rows
-
-
-@pytest.mark.parametrize("name", [name for name, chapter, _ in benchmarks.REGISTRY
-                                  if chapter == "4"])
-def test_chapter_4_benchmark_rows_run(name):
-    factory = next(f for n, _, f in benchmarks.REGISTRY if n == name)
-    case = factory(torch.device("cpu"), True)  # quick sizes
-    case.ours()
-    case.reference()
-    assert case.work > 0 and case.reference_name
-
