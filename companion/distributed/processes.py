@@ -30,6 +30,9 @@ def _child(worker, rank: int, world_size: int, port: int, timeout: float, args, 
                               timeout=datetime.timedelta(seconds=timeout))
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout))
+        # init can return on one rank while a peer still connects to it; a worker with no
+        # collective would then let that rank destroy the group under the peer's feet
+        dist.barrier()
         payload = ("ok", rank, worker(rank, world_size, *args))
     except BaseException:  # report it to the parent rather than die silently
         payload = ("error", rank, traceback.format_exc())
