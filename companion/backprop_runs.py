@@ -49,7 +49,7 @@ COMMAND = "python -m companion.backprop_runs --record"
 SOFTMAX_GRID = {"sizes": [64, 128, 64, 10], "activation": "relu", "seed": 0, "epochs": 20,
                 "batch_size": 32, "rates": [0.05, 0.1, 0.2, 0.5, 1.0]}
 
-#: The network, the training and the grid: every rate x seed, with and without BatchNorm.
+#: The network, the training and the grid (every rate x seed, with and without BatchNorm).
 BN_GRID = {"sizes": [64] + [64] * 6 + [10], "activation": "sigmoid", "init": "xavier",
            "epochs": 5, "batch_size": 32, "rates": [0.01, 0.03, 0.1], "seeds": [0, 1, 2]}
 

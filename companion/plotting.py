@@ -19,7 +19,7 @@ import torch
 
 from companion._validate import check_batch
 
-#: Colour-blind-safe palette used for every line and bar in the book: seaborn's
+#: The colour-blind-safe palette of every line and bar in the book, seaborn's
 #: ``color_palette("colorblind")`` as RGB triples.
 PALETTE = [mcolors.to_rgb(c) for c in ("#0173b2", "#de8f05", "#029e73", "#d55e00",
                                        "#cc78bc", "#ca9161", "#fbafe4", "#949494",

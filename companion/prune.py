@@ -128,9 +128,9 @@ def prune_mlp_neurons(model: nn.Module, amount: float) -> nn.Module:
 
 # --------------------------------------------------------------- fine-tuning after pruning
 
-#: Section "Pruning": the pretrained GPT pruned globally by ``amount``, then ``steps``
-#: AdamW steps on random training windows, one run per seed; validation on ``val_windows``
-#: fixed windows of ``block_size`` characters.
+#: The fine-tuning of section "Pruning". The pretrained GPT is pruned globally by
+#: ``amount``, then trained for ``steps`` AdamW steps on random training windows, one run
+#: per seed, and validated on ``val_windows`` fixed windows of ``block_size`` characters.
 FINETUNE_SETTINGS = {"amount": 0.6, "steps": 15, "batch_size": 8, "block_size": 128,
                      "lr": 1e-3, "seeds": [0, 1, 2], "val_windows": 48}
 FINETUNE_RECORD = Path(__file__).resolve().parent / "assets" / "prune_finetune.json"
@@ -180,8 +180,8 @@ def finetune_run(teacher: nn.Module, corpus, seed: int, *, settings: dict = FINE
     where the record is made, by default) pruned by :func:`global_magnitude_masks` at
     ``settings["amount"]`` and fine-tuned by :func:`finetune_pruned` on
     ``corpus.get_batch("train", ...)`` windows. The seed sets the batches (their own
-    generator) and the dropout (:func:`seed_everything`). Returns the fine-tuned model
-    and its step losses.
+    generator) and the dropout (:func:`~companion.device.seed_everything`). Returns the
+    fine-tuned model and its step losses.
     """
     check_int("seed", seed, 0)
     seed_everything(seed)
